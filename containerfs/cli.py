@@ -1,0 +1,198 @@
+"""The containerfs command: mount helper, daemon control and query tools.
+
+As a mount helper it follows the mount.fuse3 convention: mount(8) runs
+`containerfs SOURCE DIR -o OPTIONS`, which starts the daemon if none runs,
+asks it for the hierarchy, binds the hierarchy's directory on DIR and returns
+once DIR is live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from containerfs import control, mounts
+from containerfs.control import ControlError
+from containerfs.runtime import Runtime, resolve
+
+COMMANDS = ("daemon", "stop", "stats")
+START_TIMEOUT = 15.0
+
+
+def fail(message: str, code: int = 1) -> int:
+    print(f"containerfs: {message}", file=sys.stderr)
+    return code
+
+
+# ------------------------------------------------------------------ daemon
+
+
+def ping(rt: Runtime) -> dict | None:
+    try:
+        return control.request(rt.socket, {"op": "ping"}, timeout=5.0)
+    except (OSError, ControlError):
+        return None
+
+
+def ensure_daemon(rt: Runtime) -> None:
+    """Start a daemon for `rt` unless one answers, and wait until it does."""
+    if ping(rt) is not None:
+        return
+    rt.create()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "containerfs", "--runtime-dir", str(rt.path), "daemon", "-f"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd="/",
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if ping(rt) is not None:
+            return
+        if proc.poll() is not None and ping(rt) is None:
+            # another helper may have won the race to start it; give that one a moment
+            time.sleep(0.2)
+            if ping(rt) is not None:
+                return
+            raise RuntimeError(f"the daemon exited with status {proc.returncode}; see {rt.log}")
+        time.sleep(0.02)
+    raise RuntimeError(f"the daemon did not answer within {START_TIMEOUT:.0f} s; see {rt.log}")
+
+
+def cmd_daemon(rt: Runtime, args: argparse.Namespace) -> int:
+    from containerfs import daemon
+    from containerfs.logs import setup_logging
+
+    if not args.foreground:
+        try:
+            ensure_daemon(rt)
+        except RuntimeError as exc:
+            return fail(str(exc))
+        return 0
+    rt.create()
+    setup_logging(rt.log, debug=args.debug, to_stderr=True)
+    try:
+        daemon.run(rt, tracker_mode=args.tracker, debug=args.debug)
+    except daemon.DaemonError as exc:
+        return fail(str(exc))
+    return 0
+
+
+def cmd_stop(rt: Runtime, args: argparse.Namespace) -> int:
+    info = ping(rt)
+    if info is None:
+        return fail(f"no daemon answers at {rt.socket}")
+    control.request(rt.socket, {"op": "stop"})
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return 0
+        time.sleep(0.02)
+    return fail(f"daemon {info['pid']} did not stop")
+
+
+def cmd_stats(rt: Runtime, args: argparse.Namespace) -> int:
+    stats = control.request(rt.socket, {"op": "stats"})
+    stats.pop("ok", None)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    tracker = stats.pop("tracker")
+    print(f"daemon pid        {stats['pid']}")
+    print(f"hierarchies       {stats['hierarchies']}")
+    print(f"containers        {stats['containers']}")
+    print(f"open files        {stats['open_files']}")
+    print(f"tracker mode      {tracker.pop('mode')}")
+    for key, value in tracker.items():
+        print(f"tracker {key:<10}{value}")
+    return 0
+
+
+# ------------------------------------------------------------------- mount
+
+
+def mount_helper(rt: Runtime, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="containerfs",
+        usage="containerfs SOURCE MOUNTPOINT [-o OPTIONS]",
+        description="Mount a view of a containerfs hierarchy on MOUNTPOINT.",
+    )
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    # mount(8) may pass these; they mean nothing here
+    parser.add_argument("-n", "-s", "-v", dest="ignored", action="count", default=0)
+    args = parser.parse_args(argv)
+    items = [item for text in args.options for item in text.split(",") if item]
+    target = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(target):
+        return fail(f"mount point {target} is not a directory", 32)
+    try:
+        ensure_daemon(rt)
+        reply = control.request(rt.socket, {"op": "mount", "options": items, "target": target})
+    except ControlError as exc:
+        return fail(f"mount {target}: {exc.message}", 32)
+    except (OSError, RuntimeError) as exc:
+        return fail(f"mount {target}: {exc}", 32)
+    try:
+        mounts.bind(reply["path"], target, read_only=reply["read_only"])
+    except OSError as exc:
+        if reply["created"]:
+            control.request(rt.socket, {"op": "abandon", "hierarchy": reply["hierarchy"]})
+        return fail(f"mount {target}: {exc}", 32)
+    control.request(rt.socket, {"op": "view", "hierarchy": reply["hierarchy"], "target": target})
+    return 0
+
+
+# -------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    runtime_dir = None
+    if len(argv) >= 2 and argv[0] == "--runtime-dir":
+        runtime_dir = argv[1]
+        argv = argv[2:]
+    elif argv and argv[0].startswith("--runtime-dir="):
+        runtime_dir = argv[0].split("=", 1)[1]
+        argv = argv[1:]
+    rt = resolve(runtime_dir)
+    if (not argv or argv[0] not in (*COMMANDS, "-h", "--help")) and len(argv) >= 2:
+        return mount_helper(rt, argv)
+
+    parser = argparse.ArgumentParser(
+        prog="containerfs",
+        description="Generic process containers (cgroup v1) in userspace. "
+        "Mount with: containerfs SOURCE MOUNTPOINT -o OPTIONS",
+    )
+    parser.add_argument("--runtime-dir", help="the daemon's runtime directory")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("daemon", help="run the daemon")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", "--debug", action="store_true", help="debug logging (and FUSE debug)")
+    p.add_argument(
+        "--tracker",
+        choices=("auto", "netlink", "scan"),
+        default="auto",
+        help="how tasks are followed (default: netlink where allowed)",
+    )
+    sub.add_parser("stop", help="stop the daemon")
+    p = sub.add_parser("stats", help="tracker mode and counters")
+    p.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        return {"daemon": cmd_daemon, "stop": cmd_stop, "stats": cmd_stats}[args.command](rt, args)
+    except ControlError as exc:
+        return fail(exc.message)
+    except ConnectionError as exc:
+        return fail(f"{exc}")
+    except FileNotFoundError:
+        return fail(f"no daemon answers at {rt.socket}")

@@ -1,0 +1,88 @@
+"""A hierarchy: one tree of containers and the subsystems bound to it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from containerfs.core.container import Container
+from containerfs.core.files import ControlFile
+
+if TYPE_CHECKING:
+    from containerfs.core.registry import Registry
+    from containerfs.core.subsystem import Subsystem
+
+
+class Hierarchy:
+    """Hierarchy state: id, name, subsystems, root, release agent, flags, views.
+
+    The file table of a container depends only on whether it is the root and
+    on the bound subsystems, so it is computed once per hierarchy and kept
+    until the subsystems change.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        hid: int,
+        name: str | None,
+        subsystems: list[Subsystem],
+        *,
+        noprefix: bool = False,
+        extended: bool = False,
+        release_agent: str = "",
+    ) -> None:
+        self.registry = registry
+        self.id = hid
+        self.name = name
+        self.subsystems = subsystems
+        self.noprefix = noprefix
+        self.extended = extended
+        self.release_agent = release_agent
+        self.root: Container
+        #: mount points showing this hierarchy, as the daemon's mount table has them
+        self.views: set[str] = set()
+        self._tables: dict[bool, dict[str, ControlFile]] = {}
+
+    @property
+    def subsystem_names(self) -> list[str]:
+        return [s.name for s in self.subsystems]
+
+    @property
+    def label(self) -> str:
+        """The controller list of /proc/PID/cgroup: subsystems, then name=."""
+        parts = self.subsystem_names
+        if self.name:
+            parts = [*parts, f"name={self.name}"]
+        return ",".join(parts)
+
+    def has_children(self) -> bool:
+        return bool(self.root.children)
+
+    def files(self, container: Container) -> dict[str, ControlFile]:
+        """Name -> control file for `container`, prefixes applied."""
+        table = self._tables.get(container.is_root)
+        if table is None:
+            table = self._build_table(container.is_root)
+            self._tables[container.is_root] = table
+        return table
+
+    def invalidate_files(self) -> None:
+        """Forget the cached tables after the bound subsystems changed."""
+        self._tables.clear()
+
+    def _build_table(self, is_root: bool) -> dict[str, ControlFile]:
+        from containerfs.core.corefiles import CORE_FILES
+
+        table: dict[str, ControlFile] = {}
+        for cf in CORE_FILES:
+            if cf.present_in(is_root, self.extended):
+                table[cf.name] = cf
+        for subsys in self.subsystems:
+            prefix = "" if self.noprefix else f"{subsys.name}."
+            for cf in subsys.files:
+                if cf.present_in(is_root, self.extended):
+                    table[prefix + cf.name] = cf
+        return table
+
+    def __repr__(self) -> str:
+        return f"Hierarchy({self.id}, {self.label or '-'})"

@@ -1,0 +1,524 @@
+"""The registry: every hierarchy, container, task and subsystem of one daemon.
+
+One trio thread owns it, so it has no locks: every method runs to completion
+before another request is looked at. It knows nothing of FUSE or netlink; the
+tracker calls `fork`, `exit`, `exec` and `resync`, the filesystem calls
+`mkdir`, `rmdir`, `rename` and `attach`, and listeners (the FUSE inode map,
+the journal, the release agent runner, the event stream) hear what changed.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from containerfs.core.container import Container
+from containerfs.core.files import Caller
+from containerfs.core.hierarchy import Hierarchy
+from containerfs.core.options import MountOptions
+from containerfs.core.task import Task
+from containerfs.errors import CgroupError
+
+if TYPE_CHECKING:
+    from containerfs.core.subsystem import Subsystem
+
+#: hierarchy ids are allocated cyclically in [1, MAX_HIERARCHY_ID] like the kernel's idr
+MAX_HIERARCHY_ID = 1 << 20
+
+
+class TaskFacts(Protocol):
+    """What the registry needs to know about a thread it has not seen yet."""
+
+    tid: int
+    tgid: int
+    ppid: int
+    start_time: int
+    flags: int
+
+
+class ProcSource(Protocol):
+    """Reads of single /proc entries, done on the request path (bounded, small)."""
+
+    def read_task(self, tid: int) -> TaskFacts | None: ...
+
+    def read_ids(self, tid: int) -> tuple[int, int, int] | None: ...
+
+    def exists(self, tid: int) -> bool: ...
+
+    def is_unmovable(self, facts: TaskFacts) -> bool: ...
+
+
+class Listener:
+    """Hears about changes. Every method is a no-op here; override what you need."""
+
+    def hierarchy_created(self, h: Hierarchy) -> None: ...
+
+    def hierarchy_destroyed(self, h: Hierarchy) -> None: ...
+
+    def hierarchy_changed(self, h: Hierarchy) -> None: ...
+
+    def container_created(self, c: Container) -> None: ...
+
+    def container_removed(self, c: Container) -> None: ...
+
+    def container_renamed(self, c: Container, old_path: str) -> None: ...
+
+    def container_changed(self, c: Container) -> None: ...
+
+    def populated_changed(self, c: Container) -> None: ...
+
+    def release(self, c: Container) -> None: ...
+
+    def tasks_moved(self, dst: Container, tasks: Sequence[Task]) -> None: ...
+
+    def task_added(self, task: Task) -> None: ...
+
+    def task_removed(self, task: Task) -> None: ...
+
+
+class Registry:
+    """All grouping state, and the rules that change it."""
+
+    def __init__(
+        self,
+        subsystem_classes: Iterable[type[Subsystem]] = (),
+        proc: ProcSource | None = None,
+    ) -> None:
+        if proc is None:
+            from containerfs.tracking.procsource import LiveProc
+
+            proc = LiveProc()
+        self.proc = proc
+        #: available subsystems, in the order listings print them
+        self.subsystems: dict[str, Subsystem] = {cls.name: cls(self) for cls in subsystem_classes}
+        self.hierarchies: dict[int, Hierarchy] = {}
+        #: serial -> container, for every live container of every hierarchy
+        self.containers: dict[int, Container] = {}
+        self.tasks: dict[int, Task] = {}
+        #: tgid -> tids of its live threads
+        self.threads: dict[int, set[int]] = {}
+        self.listeners: list[Listener] = []
+        #: called before a read that must reflect every event received so far
+        self.refresh_hook: Callable[[Container | None], None] | None = None
+        self._next_serial = 1
+        self._last_hid = 0
+
+    # ------------------------------------------------------------------ events
+
+    def _emit(self, method: str, *args: object) -> None:
+        for listener in self.listeners:
+            getattr(listener, method)(*args)
+
+    def refresh(self, container: Container | None = None) -> None:
+        """Apply pending tracker events, so a read reflects every fork and exit seen."""
+        if self.refresh_hook is not None:
+            self.refresh_hook(container)
+
+    # -------------------------------------------------------------- hierarchies
+
+    def find_hierarchy(self, opts: MountOptions) -> Hierarchy | None:
+        """The existing hierarchy a mount with `opts` shows, by spec 2.3's rules."""
+        wanted = opts.wanted(self.subsystems)
+        newest_first = sorted(self.hierarchies.values(), key=lambda h: h.id, reverse=True)
+        if opts.name is not None:
+            for h in newest_first:
+                if h.name == opts.name:
+                    if wanted is not None and frozenset(h.subsystem_names) != wanted:
+                        raise CgroupError(
+                            errno.EBUSY,
+                            f"hierarchy name={opts.name} exists with subsystems "
+                            f"{h.label!r}, not the ones asked for",
+                        )
+                    return h
+            return None
+        for h in newest_first:
+            if frozenset(h.subsystem_names) == wanted:
+                return h
+        return None
+
+    def mount(self, opts: MountOptions) -> tuple[Hierarchy, bool]:
+        """Find or create the hierarchy for `opts`; True when it was created."""
+        h = self.find_hierarchy(opts)
+        if h is not None:
+            return h, False
+        wanted = opts.wanted(self.subsystems)
+        if wanted is None:
+            raise CgroupError(
+                errno.EINVAL,
+                f"no hierarchy name={opts.name} exists, and no subsystem list or 'none' "
+                "was given to create one",
+            )
+        return self.create_hierarchy(opts, wanted), True
+
+    def create_hierarchy(self, opts: MountOptions, wanted: frozenset[str]) -> Hierarchy:
+        for name in wanted:
+            owner = self.subsystems[name].hierarchy
+            if owner is not None:
+                raise CgroupError(
+                    errno.EBUSY,
+                    f"subsystem {name} is already bound to hierarchy {owner.id} ({owner.label})",
+                )
+        subsystems = [s for n, s in self.subsystems.items() if n in wanted]
+        h = Hierarchy(
+            self,
+            self._alloc_hierarchy_id(),
+            opts.name,
+            subsystems,
+            noprefix=opts.noprefix,
+            extended=opts.extended,
+            release_agent=opts.release_agent or "",
+        )
+        root = self._new_container(h, None, "", uid=0, gid=0, mode=0o555)
+        root.clone_children = opts.clone_children
+        h.root = root
+        root.tasks = set(self.tasks.values())
+        root.nr_subtree_tasks = len(root.tasks)
+        for task in root.tasks:
+            task.cgroups[h.id] = root
+        self.hierarchies[h.id] = h
+        for subsys in subsystems:
+            root.state[subsys.name] = subsys.create(root)
+            subsys.bind(h)
+        self._emit("hierarchy_created", h)
+        return h
+
+    def destroy_hierarchy(self, h: Hierarchy) -> None:
+        """Tear down a hierarchy that has no child containers (spec 2.5)."""
+        if h.has_children():
+            raise CgroupError(errno.EBUSY, f"hierarchy {h.id} still has child containers")
+        for subsys in reversed(h.subsystems):
+            subsys.destroy(h.root)
+            subsys.unbind(h)
+        for task in h.root.tasks:
+            task.cgroups.pop(h.id, None)
+        h.root.tasks.clear()
+        h.root.removed = True
+        del self.containers[h.root.serial]
+        del self.hierarchies[h.id]
+        self._emit("hierarchy_destroyed", h)
+
+    def _alloc_hierarchy_id(self) -> int:
+        hid = self._last_hid
+        for _ in range(MAX_HIERARCHY_ID):
+            hid = hid % MAX_HIERARCHY_ID + 1
+            if hid not in self.hierarchies:
+                self._last_hid = hid
+                return hid
+        raise CgroupError(errno.ENOSPC, "no hierarchy id left")
+
+    # --------------------------------------------------------------- containers
+
+    def _new_container(
+        self, h: Hierarchy, parent: Container | None, name: str, *, uid: int, gid: int, mode: int
+    ) -> Container:
+        c = Container(h, parent, name, self._next_serial, uid=uid, gid=gid, mode=mode)
+        self._next_serial += 1
+        self.containers[c.serial] = c
+        return c
+
+    def mkdir(self, parent: Container, name: str, *, uid: int, gid: int, mode: int) -> Container:
+        """Create child `name` of `parent` (spec 5.1)."""
+        if parent.removed:
+            raise CgroupError(errno.ENODEV, f"{parent.path} has been removed")
+        if "\n" in name:
+            raise CgroupError(errno.EINVAL, "a container name cannot contain a newline")
+        if name in parent.children or name in parent.hierarchy.files(parent):
+            raise CgroupError(errno.EEXIST, f"{name!r} exists in {parent.path}")
+        h = parent.hierarchy
+        c = self._new_container(h, parent, name, uid=uid, gid=gid, mode=mode)
+        created: list[Subsystem] = []
+        try:
+            for subsys in h.subsystems:
+                c.state[subsys.name] = subsys.create(c)
+                created.append(subsys)
+        except BaseException:
+            for subsys in reversed(created):
+                subsys.destroy(c)
+            del self.containers[c.serial]
+            raise
+        parent.children[name] = c
+        self._emit("container_created", c)
+        return c
+
+    def rmdir(self, c: Container) -> None:
+        """Remove an empty, childless container (spec 5.2)."""
+        if c.removed:
+            raise CgroupError(errno.ENOENT, f"{c.path} has been removed")
+        if c.is_root:
+            raise CgroupError(errno.EBUSY, "the root of a hierarchy cannot be removed")
+        if c.populated:
+            raise CgroupError(errno.EBUSY, f"{c.path} or a descendant still has tasks")
+        if c.children:
+            raise CgroupError(errno.EBUSY, f"{c.path} has child containers")
+        for subsys in reversed(c.hierarchy.subsystems):
+            subsys.destroy(c)
+        parent = c.parent
+        assert parent is not None
+        del parent.children[c.name]
+        c.removed = True
+        del self.containers[c.serial]
+        self._emit("container_removed", c)
+        self._check_release(parent)
+
+    def rename(self, c: Container, new_parent: Container, new_name: str) -> None:
+        """Rename in place only (spec 5.3)."""
+        if "\n" in new_name:
+            raise CgroupError(errno.EINVAL, "a container name cannot contain a newline")
+        if c.removed or new_parent.removed:
+            raise CgroupError(errno.ENODEV, "the container has been removed")
+        if c.is_root:
+            raise CgroupError(errno.EBUSY, "the root of a hierarchy cannot be renamed")
+        if new_parent is not c.parent:
+            raise CgroupError(errno.EIO, "containers can only be renamed within their parent")
+        if new_name == c.name:
+            return
+        if new_name in new_parent.children:
+            raise CgroupError(errno.EEXIST, f"{new_name!r} exists in {new_parent.path}")
+        if new_name in new_parent.hierarchy.files(new_parent):
+            raise CgroupError(errno.ENOTDIR, f"{new_name!r} is a control file")
+        old_path = c.path
+        del new_parent.children[c.name]
+        c.name = new_name
+        new_parent.children[new_name] = c
+        self._emit("container_renamed", c, old_path)
+
+    def changed(self, c: Container) -> None:
+        """A setting of `c` changed (a control file write); listeners persist it."""
+        self._emit("container_changed", c)
+
+    # -------------------------------------------------------- populated counts
+
+    def _join(self, task: Task, c: Container) -> None:
+        c.tasks.add(task)
+        task.cgroups[c.hierarchy.id] = c
+        for node in c.ancestors():
+            node.nr_subtree_tasks += 1
+            if node.nr_subtree_tasks == 1:
+                self._emit("populated_changed", node)
+
+    def _leave(self, task: Task, c: Container) -> None:
+        c.tasks.discard(task)
+        emptied = []
+        for node in c.ancestors():
+            node.nr_subtree_tasks -= 1
+            if node.nr_subtree_tasks == 0:
+                emptied.append(node)
+        for node in emptied:
+            self._emit("populated_changed", node)
+            self._check_release(node)
+
+    def _check_release(self, c: Container) -> None:
+        """Evaluate the release condition R(C) of spec 6.1 at one of its moments."""
+        if c.notify_on_release and not c.removed and not c.children and not c.populated:
+            self._emit("release", c)
+
+    # -------------------------------------------------------------------- tasks
+
+    def _inheritance(self, tid: int, tgid: int, parent_tid: int, parent_tgid: int) -> Task | None:
+        """The task whose containers a new task starts in.
+
+        A new thread joins its process's containers (the leader's, or any
+        thread's once the leader is gone): the fork event of a thread names
+        the process's parent, not the creating thread. A new process starts
+        where the forking thread is.
+        """
+        if tid != tgid:
+            leader = self.tasks.get(tgid)
+            if leader is not None:
+                return leader
+            for other in self.threads.get(tgid, ()):
+                if other != tid:
+                    return self.tasks[other]
+            return None
+        for candidate in (parent_tid, parent_tgid):
+            task = self.tasks.get(candidate)
+            if task is not None and task.tgid == parent_tgid:
+                return task
+        for other in self.threads.get(parent_tgid, ()):
+            return self.tasks[other]
+        return None
+
+    def add_task(
+        self,
+        tid: int,
+        tgid: int,
+        *,
+        like: Task | None = None,
+        start_time: int | None = None,
+        placement: dict[int, Container] | None = None,
+    ) -> Task:
+        """Start tracking a task in `placement`, else where `like` is, else the roots."""
+        old = self.tasks.get(tid)
+        if old is not None:
+            self.remove_task(tid)
+        task = Task(tid, tgid, start_time)
+        self.tasks[tid] = task
+        self.threads.setdefault(tgid, set()).add(tid)
+        for h in self.hierarchies.values():
+            c = None
+            if placement is not None:
+                c = placement.get(h.id)
+            elif like is not None:
+                c = like.cgroups.get(h.id)
+            if c is None or c.removed:
+                c = h.root
+            self._join(task, c)
+            for subsys in h.subsystems:
+                subsys.fork(task, c)
+        self._emit("task_added", task)
+        return task
+
+    def fork(self, parent_tid: int, parent_tgid: int, child_tid: int, child_tgid: int) -> Task:
+        """A fork or clone event: the child starts in its parent's containers."""
+        like = self._inheritance(child_tid, child_tgid, parent_tid, parent_tgid)
+        return self.add_task(child_tid, child_tgid, like=like)
+
+    def remove_task(self, tid: int) -> Task | None:
+        """An exit: the task leaves every container (zombies are not members)."""
+        task = self.tasks.pop(tid, None)
+        if task is None:
+            return None
+        tids = self.threads.get(task.tgid)
+        if tids is not None:
+            tids.discard(tid)
+            if not tids:
+                del self.threads[task.tgid]
+        for hid, c in list(task.cgroups.items()):
+            for subsys in self.hierarchies[hid].subsystems:
+                subsys.exit(task, c)
+            self._leave(task, c)
+        task.cgroups.clear()
+        self._emit("task_removed", task)
+        return task
+
+    def exec(self, tid: int, tgid: int) -> None:
+        """An exec event: de_thread() may have given the exec-ing thread the leader's tid.
+
+        The kernel sends no exit event for the exec-ing thread's old tid, and
+        an exit event for the old leader; what is left of the group in the
+        table besides `tgid` is that old tid, which now is `tgid`.
+        """
+        others = [t for t in self.threads.get(tgid, ()) if t != tgid]
+        if tgid in self.tasks:
+            for other in others:
+                self.remove_task(other)
+            return
+        if others:
+            survivor = self.tasks[others[0]]
+            placement = dict(survivor.cgroups)
+            for other in others:
+                self.remove_task(other)
+            self.add_task(tgid, tgid, placement=placement, start_time=survivor.start_time)
+        else:
+            self.adopt_tid(tid)
+
+    def adopt(self, facts: TaskFacts) -> Task:
+        """Track a thread found in /proc, placed by its ancestry."""
+        like = self._inheritance(facts.tid, facts.tgid, facts.ppid, facts.ppid)
+        return self.add_task(facts.tid, facts.tgid, like=like, start_time=facts.start_time)
+
+    def adopt_tid(self, tid: int) -> Task | None:
+        facts = self.proc.read_task(tid)
+        return self.adopt(facts) if facts is not None else None
+
+    def known_task(self, tid: int) -> Task | None:
+        """The tracked task `tid`, learning it from /proc if the tracker has not yet."""
+        task = self.tasks.get(tid)
+        if task is None:
+            self.refresh()
+            task = self.tasks.get(tid) or self.adopt_tid(tid)
+        return task
+
+    def resync(
+        self, live: dict[int, TaskFacts], skip: set[int] | frozenset[int] = frozenset()
+    ) -> int:
+        """Make the table match a /proc scan; return how many tasks were misplaced.
+
+        Tasks gone from /proc exit; new ones are placed by ancestry, parents
+        first (ordered by start time); a tid whose start time changed was
+        reused and is a new task. `skip` holds tids that changed after the scan
+        began (the tracker knows them from events), which the scan cannot judge.
+        """
+        fixed = 0
+        for tid in [t for t in self.tasks if t not in live and t not in skip]:
+            self.remove_task(tid)
+            fixed += 1
+        new = []
+        for tid, facts in live.items():
+            if tid in skip:
+                continue
+            task = self.tasks.get(tid)
+            if task is None:
+                new.append(facts)
+            elif task.start_time is None:
+                task.start_time = facts.start_time
+            elif task.start_time != facts.start_time:
+                self.remove_task(tid)
+                new.append(facts)
+        for facts in sorted(new, key=lambda f: (f.start_time, f.tgid != f.tid, f.tid)):
+            self.adopt(facts)
+        return fixed + len(new)
+
+    # ------------------------------------------------------------------ attach
+
+    def attach(self, dst: Container, tid: int, *, threadgroup: bool, caller: Caller) -> None:
+        """Move a thread (tasks) or a whole process (cgroup.procs) into `dst` (spec 4.2)."""
+        if dst.removed:
+            raise CgroupError(errno.ENODEV, f"{dst.path} has been removed")
+        if tid == 0:
+            tid = caller.tid
+        task = self.known_task(tid)
+        if task is None:
+            if self.proc.exists(tid):
+                return  # a zombie: found, and attaching it moves nothing
+            raise CgroupError(errno.ESRCH, f"no task with id {tid}")
+        checked = task
+        if threadgroup:
+            checked = self.tasks.get(task.tgid, task)
+        facts = self.proc.read_task(checked.tid)
+        if facts is None:
+            raise CgroupError(errno.ESRCH, f"task {checked.tid} exited")
+        if self.proc.is_unmovable(facts):
+            raise CgroupError(errno.EINVAL, f"kernel thread {checked.tid} cannot be moved")
+        if not caller.is_root:
+            ids = self.proc.read_ids(checked.tid)
+            if ids is None:
+                raise CgroupError(errno.ESRCH, f"task {checked.tid} exited")
+            ruid, _euid, suid = ids
+            if caller.uid not in (ruid, suid):
+                raise CgroupError(
+                    errno.EACCES,
+                    f"uid {caller.uid} may not move task {checked.tid} (uid {ruid})",
+                )
+        if threadgroup:
+            members = [self.tasks[t] for t in sorted(self.threads.get(task.tgid, ()))]
+        else:
+            members = [task]
+        self.move(dst, members)
+
+    def move(self, dst: Container, tasks: Sequence[Task]) -> None:
+        """All-or-nothing move of `tasks` into `dst` across its subsystems."""
+        hid = dst.hierarchy.id
+        moving = [t for t in tasks if t.cgroups.get(hid) is not dst]
+        if not moving:
+            return
+        subsystems = dst.hierarchy.subsystems
+        agreed: list[Subsystem] = []
+        try:
+            for subsys in subsystems:
+                subsys.can_attach(dst, moving)
+                agreed.append(subsys)
+        except BaseException:
+            for subsys in reversed(agreed):
+                subsys.cancel_attach(dst, moving)
+            raise
+        sources = [t.cgroups[hid] for t in moving]
+        for task, src in zip(moving, sources, strict=True):
+            # join first: moving between a container and its ancestor must not
+            # make the ancestor look empty for an instant
+            self._join(task, dst)
+            self._leave(task, src)
+        for subsys in subsystems:
+            subsys.attach(dst, moving, sources)
+        self._emit("tasks_moved", dst, moving)

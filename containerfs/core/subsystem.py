@@ -1,0 +1,62 @@
+"""The subsystem interface: the seeds' plug-in API, refined by later practice.
+
+A subsystem keeps one state object per container of the hierarchy it is bound
+to, declares its control files as data, may veto a move (can_attach), and
+hears about attaches, forks and exits. Moves are all-or-nothing: every bound
+subsystem's can_attach runs first; if one refuses, the ones that agreed get
+cancel_attach and nothing moves (gVisor's PrepareMigrate/Abort/Commit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from containerfs.core.files import ControlFile
+
+if TYPE_CHECKING:
+    from containerfs.core.container import Container
+    from containerfs.core.hierarchy import Hierarchy
+    from containerfs.core.registry import Registry
+    from containerfs.core.task import Task
+
+
+class Subsystem:
+    """Base class: every hook does nothing, so a subsystem overrides only what it needs."""
+
+    name: ClassVar[str]
+    files: ClassVar[tuple[ControlFile, ...]] = ()
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.hierarchy: Hierarchy | None = None
+
+    def create(self, container: Container) -> Any:
+        """Return the state of a new container; its parent's state is in container.parent."""
+        return None
+
+    def destroy(self, container: Container) -> None:
+        """The container is going away; release what its state holds."""
+
+    def can_attach(self, dst: Container, tasks: Sequence[Task]) -> None:
+        """Raise CgroupError to refuse moving `tasks` into `dst`."""
+
+    def cancel_attach(self, dst: Container, tasks: Sequence[Task]) -> None:
+        """A later subsystem refused a move this one had agreed to."""
+
+    def attach(self, dst: Container, tasks: Sequence[Task], sources: Sequence[Container]) -> None:
+        """Commit a move; `sources[i]` is where `tasks[i]` was. Must not fail."""
+
+    def fork(self, task: Task, container: Container) -> None:
+        """A new task appeared in `container` (fork, new thread, or adoption)."""
+
+    def exit(self, task: Task, container: Container) -> None:
+        """A task of `container` exited; it is still a member during this call."""
+
+    def bind(self, hierarchy: Hierarchy) -> None:
+        """The subsystem was bound to `hierarchy` (its root state already exists)."""
+        self.hierarchy = hierarchy
+
+    def unbind(self, hierarchy: Hierarchy) -> None:
+        """The subsystem was released from `hierarchy`."""
+        self.hierarchy = None

@@ -1,0 +1,292 @@
+"""The daemon: one per runtime directory, serving every hierarchy.
+
+It mounts one FUSE filesystem under the runtime directory (one subdirectory
+per hierarchy), follows the system's tasks, answers the control socket and
+watches its mount table to notice views going away. One trio thread owns
+the registry; slow /proc work runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from containerfs import control, mounts
+from containerfs.control import Peer
+from containerfs.core.options import parse_options
+from containerfs.core.registry import Registry
+from containerfs.errors import CgroupError
+from containerfs.fuse.ops import Operations
+from containerfs.runtime import Runtime
+from containerfs.subsys import AVAILABLE
+from containerfs.tracking.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+#: A daemon that never gets a hierarchy goes away after this many seconds.
+IDLE_EXIT = 60.0
+FSNAME = "containerfs"
+
+Handler = Callable[[dict, Peer, trio.SocketStream], Awaitable[dict | None]]
+
+
+class DaemonError(Exception):
+    pass
+
+
+class Daemon:
+    """Holds the registry and runs every service of one runtime directory."""
+
+    def __init__(self, rt: Runtime, tracker_mode: str = "auto", debug: bool = False) -> None:
+        self.rt = rt
+        self.debug = debug
+        self.registry = Registry(AVAILABLE)
+        self.tracker = Tracker(self.registry, tracker_mode)
+        self.ops = Operations(self.registry)
+        self.fs_device = ""
+        self.had_hierarchy = False
+        self._lock_fd = -1
+        self._nursery: trio.Nursery | None = None
+        self.handlers: dict[str, Handler] = {
+            "ping": self.op_ping,
+            "mount": self.op_mount,
+            "view": self.op_view,
+            "abandon": self.op_abandon,
+            "stats": self.op_stats,
+            "stop": self.op_stop,
+        }
+
+    # --------------------------------------------------------------- lifecycle
+
+    def _lock(self) -> None:
+        self._lock_fd = os.open(self.rt.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DaemonError(f"a daemon already serves {self.rt.path}") from None
+        os.ftruncate(self._lock_fd, 0)
+        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+
+    def _clear_stale_mount(self) -> None:
+        """A killed daemon leaves its FUSE mount dead (ENOTCONN): detach it."""
+        for m in reversed(mounts.read_mounts()):
+            if m.mount_point == str(self.rt.fs) or (
+                m.fstype == f"fuse.{FSNAME}" and m.mount_point.startswith(str(self.rt.fs) + "/")
+            ):
+                log.info("detaching stale mount %s", m.mount_point)
+                try:
+                    mounts.umount(m.mount_point, lazy=True)
+                except OSError as exc:
+                    log.warning("cannot detach %s: %s", m.mount_point, exc)
+
+    async def run(self) -> None:
+        self.rt.create()
+        self._lock()
+        self._clear_stale_mount()
+        self.tracker.start()
+        options = set(pyfuse3.default_options) | {
+            f"fsname={FSNAME}",
+            f"subtype={FSNAME}",
+            "allow_other",
+            "default_permissions",
+        }
+        if self.debug:
+            options.add("debug")
+        pyfuse3.init(self.ops, str(self.rt.fs), options)
+        # not os.stat(): nothing answers FUSE requests until the loop below runs
+        self.fs_device = next(
+            m.device for m in reversed(mounts.read_mounts()) if m.mount_point == str(self.rt.fs)
+        )
+        listener = self._listen()
+        log.info("daemon %d serving %s", os.getpid(), self.rt.path)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(pyfuse3.main)
+                nursery.start_soon(self.tracker.run)
+                nursery.start_soon(self._serve, listener)
+                nursery.start_soon(self._watch_mounts)
+                nursery.start_soon(self._watch_signals)
+                nursery.start_soon(self._idle_exit)
+        finally:
+            self._shutdown()
+
+    def stop(self, why: str) -> None:
+        log.info("stopping: %s", why)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _shutdown(self) -> None:
+        for h in self.registry.hierarchies.values():
+            for view in sorted(h.views, reverse=True):
+                try:
+                    mounts.umount(view, lazy=True)
+                except OSError as exc:
+                    log.warning("cannot unmount view %s: %s", view, exc)
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception as exc:  # the mount may already be gone
+            log.warning("closing the FUSE session: %s", exc)
+        self.tracker.close()
+        for path in (self.rt.socket,):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        log.info("daemon %d stopped", os.getpid())
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                self.stop(f"signal {signal.Signals(signum).name}")
+
+    async def _idle_exit(self) -> None:
+        await trio.sleep(IDLE_EXIT)
+        if not self.had_hierarchy:
+            self.stop(f"no hierarchy mounted within {IDLE_EXIT:.0f} s")
+
+    # ------------------------------------------------------------------- views
+
+    def _views(self) -> dict[int, set[str]]:
+        """hierarchy id -> mount points of its views, from the mount table."""
+        views: dict[int, set[str]] = {}
+        for m in mounts.read_mounts():
+            if m.device != self.fs_device or m.mount_point == str(self.rt.fs):
+                continue
+            first = m.root.strip("/").split("/", 1)[0]
+            if first.isdigit():
+                views.setdefault(int(first), set()).add(m.mount_point)
+        return views
+
+    def update_views(self) -> None:
+        """Re-read the views; destroy a childless hierarchy whose last view went."""
+        current = self._views()
+        for h in list(self.registry.hierarchies.values()):
+            had = bool(h.views)
+            h.views = current.get(h.id, set())
+            if had and not h.views and not h.has_children():
+                log.info("hierarchy %d (%s) lost its last view; destroying it", h.id, h.label)
+                self.registry.destroy_hierarchy(h)
+        if self.had_hierarchy and not self.registry.hierarchies:
+            self.stop("no hierarchy left to serve")
+
+    async def _watch_mounts(self) -> None:
+        watch = mounts.MountTableWatch()
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(watch.fileno())
+                if watch.consume():
+                    self.update_views()
+        finally:
+            watch.close()
+
+    # ---------------------------------------------------------- control socket
+
+    def _listen(self) -> trio.SocketListener:
+        path = str(self.rt.socket)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        os.umask(0o022)
+        # bind is synchronous for AF_UNIX paths; trio wants it awaited, so do it raw
+        sock._sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(64)
+        return trio.SocketListener(sock)
+
+    async def _serve(self, listener: trio.SocketListener) -> None:
+        await trio.serve_listeners(self._client, [listener])
+
+    async def _client(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            peer = control.peer_of(stream.socket)
+            buf = b""
+            while b"\n" not in buf:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                buf += chunk
+                if len(buf) > control.MAX_LINE:
+                    return
+            try:
+                message = json.loads(buf.split(b"\n", 1)[0])
+                handler = self.handlers.get(message.get("op", ""))
+                if handler is None:
+                    raise CgroupError(errno.EINVAL, f"unknown request {message.get('op')!r}")
+                reply = await handler(message, peer, stream)
+            except CgroupError as exc:
+                reply = {"ok": False, "errno": exc.errno, "error": exc.message}
+            except (ValueError, KeyError, TypeError) as exc:
+                reply = {"ok": False, "errno": errno.EINVAL, "error": f"bad request: {exc}"}
+            if reply is not None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(
+                        control.encode({"ok": True, **reply} if reply.get("ok", True) else reply)
+                    )
+
+    @staticmethod
+    def _require_root(peer: Peer, what: str) -> None:
+        if peer.uid != 0:
+            raise CgroupError(errno.EPERM, f"only root may {what}")
+
+    async def op_ping(self, msg: dict, peer: Peer, stream: Any) -> dict:
+        return {"pid": os.getpid(), "runtime": str(self.rt.path)}
+
+    async def op_mount(self, msg: dict, peer: Peer, stream: Any) -> dict:
+        self._require_root(peer, "mount containerfs")
+        opts = parse_options(msg["options"], self.registry.subsystems)
+        h, created = self.registry.mount(opts)
+        self.had_hierarchy = True
+        if created:
+            log.info("created hierarchy %d (%s)", h.id, h.label or "no subsystems")
+        return {
+            "hierarchy": h.id,
+            "path": str(self.rt.hierarchy_dir(h.id)),
+            "created": created,
+            "read_only": opts.read_only,
+        }
+
+    async def op_view(self, msg: dict, peer: Peer, stream: Any) -> dict:
+        self._require_root(peer, "mount containerfs")
+        self.update_views()
+        return {}
+
+    async def op_abandon(self, msg: dict, peer: Peer, stream: Any) -> dict:
+        """The helper could not bind a view of a hierarchy it just created."""
+        self._require_root(peer, "mount containerfs")
+        h = self.registry.hierarchies.get(int(msg["hierarchy"]))
+        if h is not None and not h.views and not h.has_children():
+            self.registry.destroy_hierarchy(h)
+        if not self.registry.hierarchies:
+            self.stop("the only hierarchy was abandoned")
+        return {}
+
+    async def op_stats(self, msg: dict, peer: Peer, stream: Any) -> dict:
+        return {
+            "pid": os.getpid(),
+            "tracker": self.tracker.stats(),
+            "hierarchies": len(self.registry.hierarchies),
+            "containers": len(self.registry.containers),
+            "open_files": len(self.ops.handles),
+        }
+
+    async def op_stop(self, msg: dict, peer: Peer, stream: Any) -> None:
+        self._require_root(peer, "stop the daemon")
+        # answer before the nursery (and this connection) is cancelled
+        await stream.send_all(control.encode({"ok": True}))
+        self.stop(f"asked by pid {peer.pid}")
+
+
+def run(rt: Runtime, tracker_mode: str = "auto", debug: bool = False) -> None:
+    daemon = Daemon(rt, tracker_mode, debug)
+    trio.run(daemon.run)
