@@ -18,6 +18,7 @@ import time
 from containerfs import control, mounts
 from containerfs.control import ControlError
 from containerfs.runtime import Runtime, resolve
+from containerfs.tracking import procscan
 
 COMMANDS = ("daemon", "stop", "stats")
 START_TIMEOUT = 15.0
@@ -91,9 +92,8 @@ def cmd_stop(rt: Runtime, args: argparse.Namespace) -> int:
     control.request(rt.socket, {"op": "stop"})
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        try:
-            os.kill(info["pid"], 0)
-        except ProcessLookupError:
+        task = procscan.read_task(info["pid"])  # None once gone, or a zombie
+        if task is None:
             return 0
         time.sleep(0.02)
     return fail(f"daemon {info['pid']} did not stop")

@@ -119,6 +119,8 @@ class Daemon:
                 nursery.start_soon(self._watch_mounts)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._idle_exit)
+                for subsys in self.registry.subsystems.values():
+                    nursery.start_soon(subsys.run)
         finally:
             self._shutdown()
 
@@ -184,8 +186,8 @@ class Daemon:
         try:
             while True:
                 await trio.lowlevel.wait_readable(watch.fileno())
-                if watch.consume():
-                    self.update_views()
+                watch.consume()
+                self.update_views()
         finally:
             watch.close()
 

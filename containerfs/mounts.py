@@ -98,9 +98,14 @@ class MountTableWatch:
     def fileno(self) -> int:
         return self._epoll.fileno()
 
-    def consume(self) -> bool:
-        """True if the table changed since the last call."""
-        return bool(self._epoll.poll(0))
+    def consume(self) -> None:
+        """Clear the inner epoll after a wakeup.
+
+        The readiness check that woke the caller already consumed the change
+        (mounts_poll reports POLLPRI once per change and open file), so a
+        wakeup is the signal itself: callers re-read the table every time.
+        """
+        self._epoll.poll(0)
 
     def close(self) -> None:
         self._epoll.close()

@@ -60,3 +60,10 @@ class Subsystem:
     def unbind(self, hierarchy: Hierarchy) -> None:
         """The subsystem was released from `hierarchy`."""
         self.hierarchy = None
+
+    async def run(self) -> None:
+        """A background service (an audit loop, say), run by the daemon until it stops.
+
+        It runs on the trio thread that owns the registry; blocking /proc or
+        syscall work belongs in trio.to_thread.run_sync, in bounded batches.
+        """

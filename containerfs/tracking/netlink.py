@@ -11,6 +11,7 @@ is full the kernel drops events and reports ENOBUFS once. That is surfaced as
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -110,10 +111,9 @@ class ProcConnector:
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        try:
+        # Failing is harmless: closing the socket unsubscribes too (Linux 6.6+).
+        with contextlib.suppress(OSError):
             self._send_control(sock, PROC_CN_MCAST_IGNORE)
-        except OSError:
-            pass  # closing the socket unsubscribes as well (Linux 6.6+)
         sock.close()
 
     # --------------------------------------------------------------- events
@@ -124,9 +124,7 @@ class ProcConnector:
         On ENOBUFS the events of this call are dropped, the queue is drained
         and discarded too, and EventsLost is raised. So everything up to the
         raise is the resync scan's business, and later calls return only newer
-        events. Draining matters beyond that: the kernel reports an overflow
-        only once until the queue has been empty, so a later loss would
-        otherwise pass silently.
+        events. Draining matters beyond that: see :meth:`_discard_queued`.
         """
         try:
             events = self._read_available()
@@ -216,6 +214,9 @@ class ProcConnector:
                 _parse_datagram(buf, size, events)
 
     def _discard_queued(self) -> None:
+        """Empty the receive queue. Only an empty queue clears the kernel's
+        congestion flag (NETLINK_S_CONGESTED); until then further overflows
+        drop events without any ENOBUFS."""
         sock = self._socket()
         buf = self._buf
         while True:
@@ -232,10 +233,9 @@ def _fork_and_reap() -> int:
     pid = os.fork()
     if pid == 0:
         os._exit(0)
-    try:
+    # ChildProcessError: someone else's waitpid(-1) got it first; gone either way.
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass  # someone else's waitpid(-1) got it first; it is gone either way
     return pid
 
 

@@ -105,15 +105,8 @@ def fork_exiting(code: int = 0) -> int:
 
 
 def reap(pid: int) -> int:
-    """Kill (if still alive) and reap one forked child; returns the wait status."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL) if _alive_not_zombie(pid) else None
+    """Reap a child of fork_exiting (it needs no kill); returns the wait status."""
     return os.waitpid(pid, 0)[1]
-
-
-def _alive_not_zombie(pid: int) -> bool:
-    info = procscan.read_task(pid)
-    return info is not None
 
 
 def stat_state(pid: int) -> str | None:
@@ -194,7 +187,19 @@ def stat_line(tid: int, comm: str, state: str, ppid: int, flags: int, start: int
 
 @pytest.mark.parametrize(
     "comm",
-    ["sleep", "a b", "a) b", ") ) (", "x) R 1 2 3", "(", "", "tab\there", "nl\nx) Z 9", "(((", "a)"],
+    [
+        "sleep",
+        "a b",
+        "a) b",
+        ") ) (",
+        "x) R 1 2 3",
+        "(",
+        "",
+        "tab\there",
+        "nl\nx) Z 9",
+        "(((",
+        "a)",
+    ],
 )
 def test_parse_stat_survives_hostile_comm(comm: str) -> None:
     text = stat_line(77, comm, "S", 4242, 0x04208040, 987654)
@@ -227,13 +232,14 @@ def test_real_hostile_comm_cannot_confuse_stat_or_status() -> None:
                 assert f.read() == comm + b"\n"
             info = procscan.read_task(child.pid)
             assert info is not None
-            assert (info.tid, info.tgid, info.ppid, info.state) == (
-                child.pid,
-                child.pid,
-                os.getpid(),
-                "S",
+            assert (info.tid, info.tgid, info.ppid) == (child.pid, child.pid, os.getpid())
+            assert info.state in ("R", "S")
+            scanned = procscan.scan_tasks()[child.pid]
+            assert (scanned.tgid, scanned.ppid, scanned.start_time) == (
+                info.tgid,
+                info.ppid,
+                info.start_time,
             )
-            assert procscan.scan_tasks()[child.pid] == info
             assert procscan.read_ids(child.pid) == uids
 
 
@@ -282,8 +288,6 @@ def test_scan_leaves_out_zombies() -> None:
 
 
 def test_gone_tasks_read_as_none() -> None:
-    done = subprocess.run(["true"], check=True)
-    assert done.returncode == 0
     pid = fork_exiting()
     reap(pid)
     assert procscan.read_task(pid) is None
@@ -298,7 +302,9 @@ def test_gone_tasks_read_as_none() -> None:
 def test_read_ids_matches_our_credentials() -> None:
     assert procscan.read_ids(os.getpid()) == os.getresuid()
     seen: list[tuple[int, int, int] | None] = []
-    worker = threading.Thread(target=lambda: seen.append(procscan.read_ids(threading.get_native_id())))
+    worker = threading.Thread(
+        target=lambda: seen.append(procscan.read_ids(threading.get_native_id()))
+    )
     worker.start()
     worker.join()
     assert seen == [os.getresuid()]
@@ -410,17 +416,19 @@ def test_exec_from_a_non_leader_thread(connector: ProcConnector) -> None:
         child.stdin.write("go\n")
         child.stdin.flush()
         assert child.wait(timeout=10) == 0
-        events = collect(connector, lambda evs: Exec(child.pid, child.pid) in evs)
-        events += collect(connector, has_exit(child.pid))
-
     pid = child.pid
+    process_exit = Exit(pid, pid, 0, signal.SIGCHLD)
+    events = collect(connector, lambda evs: evs.count(process_exit) == 2)
+
     mine = [ev for ev in about(events, pid) if not isinstance(ev, Fork)]
-    leader_exit = mine.index(Exit(pid, pid, 0, signal.SIGCHLD))
-    exec_at = mine.index(Exec(pid, pid))
+    leader_exit = mine.index(process_exit)
+    # the first Exec is the child starting python, the last one is the thread's
+    assert mine.count(Exec(pid, pid)) == 2
+    exec_at = len(mine) - 1 - mine[::-1].index(Exec(pid, pid))
     idle_exit = next(i for i, ev in enumerate(mine) if isinstance(ev, Exit) and ev.tid == idle)
     assert leader_exit < exec_at and idle_exit < exec_at
     assert not any(isinstance(ev, Exit | Exec) and ev.tid == execer for ev in mine)
-    assert mine[-1] == Exit(pid, pid, 0, signal.SIGCHLD)
+    assert mine[-1] == process_exit
 
 
 def test_overflow_raises_events_lost_and_the_connector_recovers() -> None:
@@ -433,24 +441,31 @@ def test_overflow_raises_events_lost_and_the_connector_recovers() -> None:
 
         storm: list[int] = []
         for _ in range(2000):
-            pid = fork_exiting()
-            storm.append(pid)
-            reap(pid)
+            storm.append(fork_exiting())
+            reap(storm[-1])
         with pytest.raises(EventsLost):
             conn.read_events()
         assert conn.lost == 1
 
-        # Everything queued before the raise was discarded with it...
-        pid = fork_exiting()
-        try:
-            events = collect(conn, has_exit(pid))
-        finally:
-            reap(pid)
+        # New events flow again. A buffer this small may overflow anew while
+        # other work runs on the machine; such a loss is reported as well.
+        retries = 0
+        for _ in range(20):
+            pid = fork_exiting()
+            try:
+                events = collect(conn, has_exit(pid))
+                break
+            except EventsLost:
+                retries += 1
+            finally:
+                reap(pid)
+        else:
+            pytest.fail("the connector never recovered")
+        assert conn.lost == 1 + retries
+        assert Fork(threading.get_native_id(), os.getpid(), pid, pid) in events
+        # Everything queued before the raise was discarded with it.
         stale = set(storm)
         assert not [ev for ev in events if isinstance(ev, Fork) and ev.child_tgid in stale]
-        # ...and new events flow again.
-        assert Fork(threading.get_native_id(), os.getpid(), pid, pid) in events
-        assert conn.lost == 1
     finally:
         conn.close()
 
@@ -467,27 +482,28 @@ def _message(what: int, data: bytes, msg_type: int = netlink.NLMSG_DONE) -> byte
 
 
 def test_a_datagram_with_several_messages_is_walked_whole() -> None:
-    exit_data = netlink.EXIT_DATA.pack(5, 4, 9, -1) + struct_pack_parent(1, 1)
-    datagram = (
+    # 6.x appends the parent's pid and tgid to an exit event: ignored
+    exit_data = netlink.EXIT_DATA.pack(5, 4, 9, -1) + netlink.EXEC_DATA.pack(1, 1)
+    head = (
         _message(netlink.PROC_EVENT_FORK, netlink.FORK_DATA.pack(1, 1, 4, 4))
         + _message(0, b"\0\0\0\0")  # the subscription ack (PROC_EVENT_NONE)
         + _message(0x200, b"\0" * 24)  # PROC_EVENT_COMM: not tracked
         + _message(netlink.PROC_EVENT_EXEC, netlink.EXEC_DATA.pack(4, 4) + b"\0")  # odd length
-        + _message(netlink.PROC_EVENT_FORK, b"\0" * 8, msg_type=netlink.NLMSG_NOOP)
-        + _message(netlink.PROC_EVENT_EXIT, exit_data)
+        + _message(netlink.PROC_EVENT_FORK, b"\0" * 16, msg_type=netlink.NLMSG_NOOP)
+    )
+    tail = (
+        _message(netlink.PROC_EVENT_EXIT, exit_data)
         + _message(netlink.PROC_EVENT_FORK, b"\0" * 8)  # too short to be a fork
     )
+    datagram = bytearray(head + tail)
     out: list[Event] = []
-    netlink._parse_datagram(bytearray(datagram), len(datagram), out)
+    netlink._parse_datagram(datagram, len(datagram), out)
     assert out == [Fork(1, 1, 4, 4), Exec(4, 4), Exit(5, 4, 9, -1)]
 
+    # a message cut short ends the walk; the ones before it stand
     truncated: list[Event] = []
-    netlink._parse_datagram(bytearray(datagram), len(datagram) - 3, truncated)
+    netlink._parse_datagram(datagram, len(head) + 30, truncated)
     assert truncated == out[:2]
-
-
-def struct_pack_parent(pid: int, tgid: int) -> bytes:
-    return pid.to_bytes(4, sys.byteorder) + tgid.to_bytes(4, sys.byteorder)
 
 
 def test_forged_events_from_a_user_socket_are_ignored(connector: ProcConnector) -> None:

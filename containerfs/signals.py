@@ -1,0 +1,78 @@
+"""Signals sent safely: through pidfds, never to what must not be touched.
+
+Every part that stops, continues or kills tasks (cgroup.kill, numtasks,
+the freezer) goes through here, so the rules live in one place: never the
+daemon, its ancestors, pid 1 or kernel threads; and never a process that
+reused the pid of the one meant (the pidfd is opened, then the process's
+start time is checked, then the signal goes through the pidfd).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+
+from containerfs.tracking import procscan
+
+log = logging.getLogger(__name__)
+
+_SYS_PIDFD_SEND_SIGNAL = 424
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _ancestry(pid: int) -> set[int]:
+    pids: set[int] = set()
+    while pid > 0 and pid not in pids:
+        pids.add(pid)
+        info = procscan.read_task(pid)
+        pid = info.ppid if info else 0
+    return pids
+
+
+#: the daemon and every process above it, fixed at start-up (they cannot change)
+PROTECTED: frozenset[int] = frozenset(_ancestry(os.getpid()) | {1})
+
+
+def is_protected(pid: int) -> bool:
+    """True for the daemon, its ancestors, pid 1 and kernel threads."""
+    if pid in PROTECTED or pid <= 1:
+        return True
+    info = procscan.read_task(pid)
+    return info is not None and bool(info.flags & procscan.PF_KTHREAD)
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    if _libc.syscall(_SYS_PIDFD_SEND_SIGNAL, pidfd, sig, None, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def signal_process(pid: int, sig: int, start_time: int | None = None) -> bool:
+    """Send `sig` to process `pid` through a pidfd; False if it is gone or protected.
+
+    With `start_time`, the process must still be the one that started then:
+    a pid reused between deciding and signalling is left alone.
+    """
+    if is_protected(pid):
+        log.warning("refusing to send %s to protected pid %d", signal.Signals(sig).name, pid)
+        return False
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno in (errno.ESRCH, errno.EINVAL):
+            return False
+        raise
+    try:
+        if start_time is not None:
+            info = procscan.read_task(pid)
+            if info is None or info.start_time != start_time:
+                return False
+        pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
