@@ -14,13 +14,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from containerfs import control, mounts
 from containerfs.control import ControlError
 from containerfs.runtime import Runtime, resolve
 from containerfs.tracking import procscan
 
-COMMANDS = ("daemon", "stop", "stats")
+COMMANDS = ("daemon", "stop", "stats", "hierarchies", "membership", "events")
 START_TIMEOUT = 15.0
 
 
@@ -39,13 +40,16 @@ def ping(rt: Runtime) -> dict | None:
         return None
 
 
-def ensure_daemon(rt: Runtime) -> None:
-    """Start a daemon for `rt` unless one answers, and wait until it does."""
+def ensure_daemon(rt: Runtime, options: list[str] | None = None) -> None:
+    """Start a daemon for `rt` (with daemon `options`) unless one answers, and wait for it."""
     if ping(rt) is not None:
         return
     rt.create()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "containerfs", "--runtime-dir", str(rt.path), "daemon", "-f"],
+        [
+            *(sys.executable, "-m", "containerfs", "--runtime-dir", str(rt.path), "daemon", "-f"),
+            *(options or ()),
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -69,17 +73,27 @@ def ensure_daemon(rt: Runtime) -> None:
 def cmd_daemon(rt: Runtime, args: argparse.Namespace) -> int:
     from containerfs import daemon
     from containerfs.logs import setup_logging
+    from containerfs.release import DEFAULT_AGENT_TIMEOUT, DEFAULT_MAX_AGENTS
 
+    max_agents = args.max_agents or DEFAULT_MAX_AGENTS
+    agent_timeout = args.agent_timeout or DEFAULT_AGENT_TIMEOUT
+    agents = ["--max-agents", str(max_agents), "--agent-timeout", str(agent_timeout)]
     if not args.foreground:
         try:
-            ensure_daemon(rt)
+            ensure_daemon(rt, agents)
         except RuntimeError as exc:
             return fail(str(exc))
         return 0
     rt.create()
     setup_logging(rt.log, debug=args.debug, to_stderr=True)
     try:
-        daemon.run(rt, tracker_mode=args.tracker, debug=args.debug)
+        daemon.run(
+            rt,
+            tracker_mode=args.tracker,
+            debug=args.debug,
+            max_agents=max_agents,
+            agent_timeout=agent_timeout,
+        )
     except daemon.DaemonError as exc:
         return fail(str(exc))
     return 0
@@ -114,6 +128,48 @@ def cmd_stats(rt: Runtime, args: argparse.Namespace) -> int:
     for key, value in tracker.items():
         print(f"tracker {key:<10}{value}")
     return 0
+
+
+def cmd_hierarchies(rt: Runtime, args: argparse.Namespace) -> int:
+    """/proc/cgroups' format for containerfs's subsystems (the seeds' /proc/containers)."""
+    reply = control.request(rt.socket, {"op": "hierarchies"})
+    print(
+        json.dumps(reply["rows"], indent=2) if args.json else reply["text"],
+        end="\n" if args.json else "",
+    )
+    return 0
+
+
+def cmd_membership(rt: Runtime, args: argparse.Namespace) -> int:
+    """/proc/PID/cgroup's format for containerfs's hierarchies (the seeds' /proc/PID/container)."""
+    reply = control.request(rt.socket, {"op": "membership", "pid": args.pid})
+    print(
+        json.dumps(reply["rows"], indent=2) if args.json else reply["text"],
+        end="\n" if args.json else "",
+    )
+    return 0
+
+
+def cmd_events(rt: Runtime, args: argparse.Namespace) -> int:
+    """The daemon's event stream: its recent history, then with --follow every new event."""
+    from containerfs.events import format_event
+
+    try:
+        for event in control.stream(rt.socket, {"op": "events", "follow": args.follow}):
+            print(json.dumps(event) if args.json else format_event(event), flush=True)
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0
+    return 0
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not positive")
+        return value
+
+    return parse
 
 
 # ------------------------------------------------------------------- mount
@@ -184,12 +240,41 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="how tasks are followed (default: netlink where allowed)",
     )
+    # defaults live in containerfs.release, imported only by the daemon (it pulls in trio)
+    p.add_argument(
+        "--max-agents",
+        type=_positive(int),
+        metavar="N",
+        help="release agents running at once; the others wait their turn (default 8)",
+    )
+    p.add_argument(
+        "--agent-timeout",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="kill a release agent's process group after this long (default 30)",
+    )
     sub.add_parser("stop", help="stop the daemon")
     p = sub.add_parser("stats", help="tracker mode and counters")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("hierarchies", help="subsystems and their hierarchies, as /proc/cgroups")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("membership", help="a task's containers, as /proc/PID/cgroup")
+    p.add_argument("pid", type=int)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("events", help="lifecycle events: recent ones, or --follow new ones")
+    p.add_argument("--follow", "-F", action="store_true", help="keep printing new events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args(argv)
     try:
-        return {"daemon": cmd_daemon, "stop": cmd_stop, "stats": cmd_stats}[args.command](rt, args)
+        commands = {
+            "daemon": cmd_daemon,
+            "stop": cmd_stop,
+            "stats": cmd_stats,
+            "hierarchies": cmd_hierarchies,
+            "membership": cmd_membership,
+            "events": cmd_events,
+        }
+        return commands[args.command](rt, args)
     except ControlError as exc:
         return fail(exc.message)
     except ConnectionError as exc:

@@ -22,12 +22,16 @@ from typing import Any
 import pyfuse3
 import trio
 
-from containerfs import control, mounts
+from containerfs import control, mounts, state
 from containerfs.control import Peer
+from containerfs.core import procfiles
+from containerfs.core.extended import Extended
 from containerfs.core.options import parse_options
 from containerfs.core.registry import Registry
 from containerfs.errors import CgroupError
+from containerfs.events import EventStream
 from containerfs.fuse.ops import Operations
+from containerfs.release import DEFAULT_AGENT_TIMEOUT, DEFAULT_MAX_AGENTS, ReleaseRunner
 from containerfs.runtime import Runtime
 from containerfs.subsys import AVAILABLE
 from containerfs.tracking.tracker import Tracker
@@ -48,22 +52,41 @@ class DaemonError(Exception):
 class Daemon:
     """Holds the registry and runs every service of one runtime directory."""
 
-    def __init__(self, rt: Runtime, tracker_mode: str = "auto", debug: bool = False) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        tracker_mode: str = "auto",
+        debug: bool = False,
+        max_agents: int = DEFAULT_MAX_AGENTS,
+        agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+    ) -> None:
         self.rt = rt
         self.debug = debug
         self.registry = Registry(AVAILABLE)
         self.tracker = Tracker(self.registry, tracker_mode)
         self.ops = Operations(self.registry)
+        self.events = EventStream()
+        self.extended = Extended(self.registry, self.events.publish)
+        self.release = ReleaseRunner(
+            self.registry, self.events.publish, max_agents=max_agents, timeout=agent_timeout
+        )
+        self.registry.listeners += [self.events, self.extended, self.release]
         self.fs_device = ""
         self.had_hierarchy = False
         self._lock_fd = -1
         self._nursery: trio.Nursery | None = None
+        self.journal = state.Journal(self.registry, rt.state)
+        #: views a restored state had, bound again once the FUSE loop runs
+        self._rebind: dict[int, set[str]] = {}
         self.handlers: dict[str, Handler] = {
             "ping": self.op_ping,
             "mount": self.op_mount,
             "view": self.op_view,
             "abandon": self.op_abandon,
             "stats": self.op_stats,
+            "hierarchies": self.op_hierarchies,
+            "membership": self.op_membership,
+            "events": self.op_events,
             "stop": self.op_stop,
         }
 
@@ -90,11 +113,55 @@ class Daemon:
                 except OSError as exc:
                     log.warning("cannot detach %s: %s", m.mount_point, exc)
 
+    def _detach_dead_views(self, saved: state.SavedState) -> None:
+        """Views of a killed daemon answer ENOTCONN: detach them to bind them again."""
+        paths = {v for rec in saved.hierarchies.values() for v in rec.get("views", ())}
+        for m in mounts.read_mounts():
+            if m.mount_point not in paths or m.fstype != f"fuse.{FSNAME}":
+                continue
+            try:
+                os.statvfs(m.mount_point)  # stat() may be answered from the attribute cache
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN:
+                    log.info("detaching dead view %s", m.mount_point)
+                    with contextlib.suppress(OSError):
+                        mounts.umount(m.mount_point, lazy=True)
+
+    def _restore(self) -> None:
+        """Rebuild the saved state, place every live task, then start journaling."""
+        saved = state.load(self.rt.state)
+        self._detach_dead_views(saved)
+        self.registry.placements = state.restore(self.registry, saved)
+        self.tracker.start()
+        self.registry.placements = {}
+        for h in list(self.registry.hierarchies.values()):
+            self._rebind[h.id], h.views = h.views, set()
+            if not self._rebind[h.id] and not h.has_children():
+                self.registry.destroy_hierarchy(h)  # nothing would ever show it again
+        if self.registry.hierarchies:
+            self.had_hierarchy = True
+            log.info("restored %d hierarchies, %d containers", len(self.registry.hierarchies),
+                     len(self.registry.containers))
+        self.registry.listeners.append(self.journal)
+        self.journal.open(saved.gen)
+
+    async def _rebind_views(self) -> None:
+        for hid, views in self._rebind.items():
+            for view in sorted(views):
+                source = str(self.rt.hierarchy_dir(hid))
+                try:
+                    await trio.to_thread.run_sync(mounts.bind, source, view)
+                    log.info("bound hierarchy %d again on %s", hid, view)
+                except OSError as exc:
+                    log.warning("cannot bind hierarchy %d on %s again: %s", hid, view, exc)
+        self._rebind = {}
+        self.update_views()
+
     async def run(self) -> None:
         self.rt.create()
         self._lock()
         self._clear_stale_mount()
-        self.tracker.start()
+        self._restore()
         options = set(pyfuse3.default_options) | {
             f"fsname={FSNAME}",
             f"subtype={FSNAME}",
@@ -119,6 +186,9 @@ class Daemon:
                 nursery.start_soon(self._watch_mounts)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._idle_exit)
+                nursery.start_soon(self._rebind_views)
+                nursery.start_soon(self.release.run)
+                nursery.start_soon(self.extended.run)
                 for subsys in self.registry.subsystems.values():
                     nursery.start_soon(subsys.run)
         finally:
@@ -130,12 +200,16 @@ class Daemon:
             self._nursery.cancel_scope.cancel()
 
     def _shutdown(self) -> None:
+        """Unmount every view; hierarchies with children stay in the saved state."""
         for h in self.registry.hierarchies.values():
             for view in sorted(h.views, reverse=True):
                 try:
                     mounts.umount(view, lazy=True)
                 except OSError as exc:
                     log.warning("cannot unmount view %s: %s", view, exc)
+            h.views = set()
+            self.registry.hierarchy_changed(h)
+        self.journal.close()
         try:
             pyfuse3.close(unmount=True)
         except Exception as exc:  # the mount may already be gone
@@ -174,7 +248,10 @@ class Daemon:
         current = self._views()
         for h in list(self.registry.hierarchies.values()):
             had = bool(h.views)
-            h.views = current.get(h.id, set())
+            views = current.get(h.id, set())
+            if views != h.views:
+                h.views = views
+                self.registry.hierarchy_changed(h)
             if had and not h.views and not h.has_children():
                 log.info("hierarchy %d (%s) lost its last view; destroying it", h.id, h.label)
                 self.registry.destroy_hierarchy(h)
@@ -280,7 +357,48 @@ class Daemon:
             "hierarchies": len(self.registry.hierarchies),
             "containers": len(self.registry.containers),
             "open_files": len(self.ops.handles),
+            "release": self.release.stats(),
         }
+
+    async def op_hierarchies(self, msg: dict, peer: Peer, stream: Any) -> dict:
+        return {
+            "text": procfiles.proc_cgroups(self.registry),
+            "rows": procfiles.subsystem_rows(self.registry),
+        }
+
+    async def op_membership(self, msg: dict, peer: Peer, stream: Any) -> dict:
+        tid = int(msg["pid"])
+        return {
+            "text": procfiles.proc_pid_cgroup(self.registry, tid),
+            "rows": procfiles.membership_rows(self.registry, tid),
+        }
+
+    async def op_events(self, msg: dict, peer: Peer, stream: trio.SocketStream) -> None:
+        """Send the recent events, then with `follow` every new one until the reader leaves."""
+        self._require_root(peer, "read the event stream")
+        sub, history = self.events.subscribe()
+        if not msg.get("follow"):
+            self.events.unsubscribe(sub)
+        try:
+            for event in history:
+                await stream.send_all(control.encode(event))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._until_closed, stream, nursery.cancel_scope)
+                while (event := await sub.get()) is not None:
+                    await stream.send_all(control.encode(event))
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.events.unsubscribe(sub)
+
+    @staticmethod
+    async def _until_closed(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        """A following reader sends nothing more: end its stream when it hangs up."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while await stream.receive_some(4096):
+                pass
+        scope.cancel()
 
     async def op_stop(self, msg: dict, peer: Peer, stream: Any) -> None:
         self._require_root(peer, "stop the daemon")
@@ -289,6 +407,12 @@ class Daemon:
         self.stop(f"asked by pid {peer.pid}")
 
 
-def run(rt: Runtime, tracker_mode: str = "auto", debug: bool = False) -> None:
-    daemon = Daemon(rt, tracker_mode, debug)
+def run(
+    rt: Runtime,
+    tracker_mode: str = "auto",
+    debug: bool = False,
+    max_agents: int = DEFAULT_MAX_AGENTS,
+    agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+) -> None:
+    daemon = Daemon(rt, tracker_mode, debug, max_agents, agent_timeout)
     trio.run(daemon.run)

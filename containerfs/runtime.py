@@ -7,6 +7,7 @@ daemons that never meet a person's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,9 @@ class Runtime:
 
     def create(self) -> None:
         self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.fs.mkdir(mode=0o755, exist_ok=True)
+        # not exist_ok: that stats fs/, and a killed daemon's dead mount answers ENOTCONN
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.fs, 0o755)
         self.state.mkdir(mode=0o700, exist_ok=True)
 
 

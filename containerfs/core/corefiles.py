@@ -48,7 +48,6 @@ def _flag_file(name: str, attr: str) -> ControlFile:
 
     def write(c: Container, data: bytes, caller: Caller) -> None:
         setattr(c, attr, parse_flag(data))
-        c.hierarchy.registry.changed(c)
 
     return ControlFile(name, read, write)
 
@@ -62,12 +61,11 @@ def _write_release_agent(c: Container, data: bytes, caller: Caller) -> None:
     if not caller.is_root:
         raise CgroupError(errno.EPERM, "only root may set the release agent")
     c.hierarchy.release_agent = os.fsdecode(strip(c_string(data)))
-    c.hierarchy.registry.changed(c)
 
 
 CORE_FILES: tuple[ControlFile, ...] = (
-    ControlFile("tasks", _read_tasks, _write_tasks),
-    ControlFile("cgroup.procs", _read_procs, _write_procs),
+    ControlFile("tasks", _read_tasks, _write_tasks, persist=False),
+    ControlFile("cgroup.procs", _read_procs, _write_procs, persist=False),
     _flag_file("notify_on_release", "notify_on_release"),
     _flag_file("cgroup.clone_children", "clone_children"),
     ControlFile(

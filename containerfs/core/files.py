@@ -66,6 +66,8 @@ class ControlFile:
     placement: Placement = Placement.EVERYWHERE
     max_write: int = PAGE_SIZE
     extended: bool = False
+    #: a setting the journal keeps and a restart writes back (not a counter or a command)
+    persist: bool = True
 
     @property
     def mode(self) -> int:

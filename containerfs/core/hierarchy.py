@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 from containerfs.core.container import Container
-from containerfs.core.files import ControlFile
+from containerfs.core.files import Caller, ControlFile, Placement
+from containerfs.core.parse import parse_flag
+from containerfs.errors import CgroupError
 
 if TYPE_CHECKING:
     from containerfs.core.registry import Registry
@@ -30,6 +33,7 @@ class Hierarchy:
         noprefix: bool = False,
         extended: bool = False,
         release_agent: str = "",
+        enabled: bool = True,
     ) -> None:
         self.registry = registry
         self.id = hid
@@ -41,6 +45,9 @@ class Hierarchy:
         self.root: Container
         #: mount points showing this hierarchy, as the daemon's mount table has them
         self.views: set[str] = set()
+        #: the seeds' <subsys>_enabled: a disabled subsystem creates no state for
+        #: new children, which share their parent's
+        self.enabled: dict[str, bool] = {sub.name: enabled for sub in subsystems}
         self._tables: dict[bool, dict[str, ControlFile]] = {}
 
     @property
@@ -72,9 +79,13 @@ class Hierarchy:
 
     def _build_table(self, is_root: bool) -> dict[str, ControlFile]:
         from containerfs.core.corefiles import CORE_FILES
+        from containerfs.core.extended import EXTENDED_FILES
 
         table: dict[str, ControlFile] = {}
         for cf in CORE_FILES:
+            if cf.present_in(is_root, self.extended):
+                table[cf.name] = cf
+        for cf in EXTENDED_FILES:
             if cf.present_in(is_root, self.extended):
                 table[cf.name] = cf
         for subsys in self.subsystems:
@@ -82,7 +93,24 @@ class Hierarchy:
             for cf in subsys.files:
                 if cf.present_in(is_root, self.extended):
                     table[prefix + cf.name] = cf
+            if is_root and self.extended:
+                table[f"{subsys.name}_enabled"] = _enabled_file(subsys.name)
         return table
 
     def __repr__(self) -> str:
         return f"Hierarchy({self.id}, {self.label or '-'})"
+
+
+def _enabled_file(name: str) -> ControlFile:
+    """`<subsys>_enabled` in the root (seed 000), writable only without children."""
+
+    def read(c: Container) -> str:
+        return "1\n" if c.hierarchy.enabled[name] else "0\n"
+
+    def write(c: Container, data: bytes, caller: Caller) -> None:
+        value = parse_flag(data)
+        if c.children:
+            raise CgroupError(errno.EBUSY, f"{name}_enabled can change only without children")
+        c.hierarchy.enabled[name] = value
+
+    return ControlFile(f"{name}_enabled", read, write, placement=Placement.ROOT_ONLY, extended=True)

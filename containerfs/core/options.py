@@ -78,6 +78,7 @@ class MountOptions:
     release_agent: str | None = None
     clone_children: bool = False
     extended: bool = False
+    default_disabled: bool = False
     read_only: bool = False
     remount: bool = False
     ignored: list[str] = field(default_factory=list)
@@ -129,6 +130,8 @@ def parse_options(items: Iterable[str], available: Iterable[str]) -> MountOption
             opts.clone_children = True
         elif key == "extended":
             opts.extended = True
+        elif key == "default_disabled":
+            opts.default_disabled = True
         elif key == "remount":
             opts.remount = True
         elif key == "ro":

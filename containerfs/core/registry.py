@@ -101,6 +101,9 @@ class Registry:
         self.listeners: list[Listener] = []
         #: called before a read that must reflect every event received so far
         self.refresh_hook: Callable[[Container | None], None] | None = None
+        #: (tid, start time) -> containers, from a restored state: where a task
+        #: goes when the first scan after a restart finds it
+        self.placements: dict[tuple[int, int | None], dict[int, Container]] = {}
         self._next_serial = 1
         self._last_hid = 0
 
@@ -151,7 +154,9 @@ class Registry:
             )
         return self.create_hierarchy(opts, wanted), True
 
-    def create_hierarchy(self, opts: MountOptions, wanted: frozenset[str]) -> Hierarchy:
+    def create_hierarchy(
+        self, opts: MountOptions, wanted: frozenset[str], hid: int | None = None
+    ) -> Hierarchy:
         for name in wanted:
             owner = self.subsystems[name].hierarchy
             if owner is not None:
@@ -162,12 +167,13 @@ class Registry:
         subsystems = [s for n, s in self.subsystems.items() if n in wanted]
         h = Hierarchy(
             self,
-            self._alloc_hierarchy_id(),
+            hid if hid is not None else self._alloc_hierarchy_id(),
             opts.name,
             subsystems,
             noprefix=opts.noprefix,
             extended=opts.extended,
             release_agent=opts.release_agent or "",
+            enabled=not opts.default_disabled,
         )
         root = self._new_container(h, None, "", uid=0, gid=0, mode=0o555)
         root.clone_children = opts.clone_children
@@ -230,8 +236,11 @@ class Registry:
         created: list[Subsystem] = []
         try:
             for subsys in h.subsystems:
-                c.state[subsys.name] = subsys.create(c)
-                created.append(subsys)
+                if h.enabled[subsys.name]:
+                    c.state[subsys.name] = subsys.create(c)
+                    created.append(subsys)
+                else:  # disabled: share the parent's state (seed 000)
+                    c.state[subsys.name] = parent.state[subsys.name]
         except BaseException:
             for subsys in reversed(created):
                 subsys.destroy(c)
@@ -252,7 +261,8 @@ class Registry:
         if c.children:
             raise CgroupError(errno.EBUSY, f"{c.path} has child containers")
         for subsys in reversed(c.hierarchy.subsystems):
-            subsys.destroy(c)
+            if c.hierarchy.enabled[subsys.name]:
+                subsys.destroy(c)
         parent = c.parent
         assert parent is not None
         del parent.children[c.name]
@@ -286,6 +296,10 @@ class Registry:
     def changed(self, c: Container) -> None:
         """A setting of `c` changed (a control file write); listeners persist it."""
         self._emit("container_changed", c)
+
+    def hierarchy_changed(self, h: Hierarchy) -> None:
+        """Something about `h` itself changed (its views, its subsystems)."""
+        self._emit("hierarchy_changed", h)
 
     # -------------------------------------------------------- populated counts
 
@@ -414,7 +428,11 @@ class Registry:
             self.adopt_tid(tid)
 
     def adopt(self, facts: TaskFacts) -> Task:
-        """Track a thread found in /proc, placed by its ancestry."""
+        """Track a thread found in /proc: where a restored state had it, else by ancestry."""
+        placement = self.placements.pop((facts.tid, facts.start_time), None)
+        if placement is not None:
+            return self.add_task(facts.tid, facts.tgid, placement=placement,
+                                 start_time=facts.start_time)
         like = self._inheritance(facts.tid, facts.tgid, facts.ppid, facts.ppid)
         return self.add_task(facts.tid, facts.tgid, like=like, start_time=facts.start_time)
 

@@ -1,0 +1,114 @@
+"""No state lost: kill -9 the daemon, start it again, find everything in place."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+from containerfs import mounts
+from tests.conftest import read_ids, wait_for, write
+
+
+def crash(cfs) -> None:
+    cfs.daemon.send_signal(signal.SIGKILL)
+    cfs.daemon.wait()
+
+
+def served(view) -> bool:
+    """True once the view answers again (readdir is never served from a cache)."""
+    try:
+        return "tasks" in os.listdir(view)
+    except OSError:
+        return False
+
+
+def test_restart_restores_everything(cfs, procs):
+    view = cfs.mount("none,name=keep")
+    other = cfs.mount("none,name=other")
+    os.makedirs(view / "a" / "b")
+    os.mkdir(other / "x")
+    (view / "a" / "notify_on_release").write_bytes(b"1")
+    (view / "release_agent").write_bytes(b"/bin/true")
+    os.chmod(view / "a" / "b", 0o700)
+    os.chown(view / "a" / "tasks", 1234, 5678)
+    os.rename(view / "a" / "b", view / "a" / "c")
+    moved = procs.sleeper()
+    write(view / "a" / "c" / "tasks", str(moved.pid).encode())
+    write(other / "x" / "cgroup.procs", str(moved.pid).encode())
+    parent = procs.spawn("sh", "-c", "read x; sleep 1000 & wait", stdin=subprocess.PIPE)
+    write(view / "a" / "cgroup.procs", str(parent.pid).encode())
+
+    crash(cfs)
+    parent.stdin.write(b"go\n")  # forks while no daemon runs
+    parent.stdin.flush()
+    time.sleep(0.3)
+    cfs.start()
+
+    wait_for(lambda: served(view), timeout=10)  # the view is back
+    assert (view / "a" / "notify_on_release").read_bytes() == b"1\n"
+    assert (view / "release_agent").read_bytes() == b"/bin/true\n"
+    assert os.stat(view / "a" / "c").st_mode & 0o777 == 0o700
+    assert os.stat(view / "a" / "tasks").st_uid == 1234
+    assert read_ids(view / "a" / "c" / "tasks") == [moved.pid]
+    assert read_ids(other / "x" / "tasks") == [moved.pid]
+    in_a = read_ids(view / "a" / "tasks")
+    assert parent.pid in in_a and len(in_a) == 2  # the child forked while down, by ancestry
+    rows = cfs.cli("membership", str(moved.pid)).stdout.splitlines()
+    assert rows == ["2:name=other:/x", "1:name=keep:/a/c"]
+
+
+def test_crash_loop_loses_nothing(cfs, procs):
+    """Kill the daemon in the middle of a workload many times; every completed change stays."""
+    view = cfs.mount("none,name=loop")
+    sleepers = [procs.sleeper() for _ in range(4)]
+    done: dict[str, object] = {}  # what the workload saw succeed: name -> expected state
+    rng = random.Random(7)
+
+    def workload(stop: threading.Event) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            name = f"c{n}"
+            try:
+                os.mkdir(view / name)
+                done[name] = set()
+                (view / name / "notify_on_release").write_bytes(b"1")
+                done[name] = {"notify"}
+                pid = rng.choice(sleepers).pid
+                fd = os.open(view / name / "tasks", os.O_WRONLY)
+                try:
+                    os.write(fd, str(pid).encode())
+                finally:
+                    os.close(fd)
+                for other in done.values():  # the pid left wherever it was
+                    if isinstance(other, set):
+                        other.discard(("pid", pid))
+                done[name] = {"notify", ("pid", pid)}
+            except OSError:
+                return  # the daemon died under us
+
+    for _round in range(8):
+        stop = threading.Event()
+        worker = threading.Thread(target=workload, args=(stop,))
+        worker.start()
+        time.sleep(rng.uniform(0.05, 0.3))
+        crash(cfs)
+        stop.set()
+        worker.join()
+        cfs.start()
+        wait_for(lambda: served(view), timeout=10)
+        assert [m for m in mounts.read_mounts() if m.mount_point == str(view)][-1:] and len(
+            [m for m in mounts.read_mounts() if m.mount_point == str(view)]
+        ) == 1  # no stacking
+        for name, expect in list(done.items()):
+            path = view / name
+            assert path.is_dir(), name
+            if "notify" in expect:
+                assert (path / "notify_on_release").read_bytes() == b"1\n", name
+            pids = {e[1] for e in expect if isinstance(e, tuple)}
+            assert pids <= set(read_ids(path / "tasks")), name
+    assert len(done) >= 8
