@@ -191,6 +191,12 @@ def mount_helper(rt: Runtime, argv: list[str]) -> int:
     target = os.path.abspath(args.mountpoint)
     if not os.path.isdir(target):
         return fail(f"mount point {target} is not a directory", 32)
+    if "remount" in items:
+        try:
+            control.request(rt.socket, {"op": "remount", "options": items, "target": target})
+        except (ControlError, OSError) as exc:
+            return fail(f"remount {target}: {getattr(exc, 'message', exc)}", 32)
+        return 0
     try:
         ensure_daemon(rt)
         reply = control.request(rt.socket, {"op": "mount", "options": items, "target": target})

@@ -81,6 +81,7 @@ class Daemon:
         self.handlers: dict[str, Handler] = {
             "ping": self.op_ping,
             "mount": self.op_mount,
+            "remount": self.op_remount,
             "view": self.op_view,
             "abandon": self.op_abandon,
             "stats": self.op_stats,
@@ -305,8 +306,11 @@ class Daemon:
                 reply = await handler(message, peer, stream)
             except CgroupError as exc:
                 reply = {"ok": False, "errno": exc.errno, "error": exc.message}
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, AttributeError) as exc:
                 reply = {"ok": False, "errno": errno.EINVAL, "error": f"bad request: {exc}"}
+            except Exception as exc:  # a bug: keep serving, say so, keep the traceback
+                log.exception("control request failed")
+                reply = {"ok": False, "errno": errno.EIO, "error": f"internal error: {exc!r}"}
             if reply is not None:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await stream.send_all(
@@ -334,6 +338,27 @@ class Daemon:
             "created": created,
             "read_only": opts.read_only,
         }
+
+    async def op_remount(self, msg: dict, peer: Peer, stream: Any) -> dict:
+        """Rebind subsystems on the live hierarchy shown at msg["target"]."""
+        self._require_root(peer, "remount containerfs")
+        target = os.path.realpath(msg["target"])
+        self.update_views()
+        h = next((h for h in self.registry.hierarchies.values() if target in h.views), None)
+        if h is None:
+            raise CgroupError(errno.EINVAL, f"{target} is not a view of a containerfs hierarchy")
+        opts = parse_options(msg["options"], self.registry.subsystems)
+        if opts.name is not None and opts.name != h.name:
+            raise CgroupError(errno.EINVAL, "a hierarchy's name cannot change on remount")
+        if opts.noprefix != h.noprefix or opts.extended != h.extended:
+            raise CgroupError(errno.EINVAL, "noprefix and extended cannot change on remount")
+        self.registry.rebind(h, opts.wanted(self.registry.subsystems) or frozenset())
+        if opts.release_agent is not None:
+            h.release_agent = opts.release_agent
+        for c in h.root.walk():
+            self.registry.changed(c)
+        log.info("hierarchy %d now has %s", h.id, h.label or "no subsystems")
+        return {"hierarchy": h.id, "subsystems": h.subsystem_names}
 
     async def op_view(self, msg: dict, peer: Peer, stream: Any) -> dict:
         self._require_root(peer, "mount containerfs")

@@ -90,7 +90,10 @@ class Hierarchy:
                 table[cf.name] = cf
         for subsys in self.subsystems:
             prefix = "" if self.noprefix else f"{subsys.name}."
+            shares_root = not is_root and not self.enabled[subsys.name]
             for cf in subsys.files:
+                if shares_root and cf.placement is Placement.NOT_ROOT:
+                    continue  # children share the root's state, which has no such file
                 if cf.present_in(is_root, self.extended):
                     table[prefix + cf.name] = cf
             if is_root and self.extended:
@@ -112,5 +115,6 @@ def _enabled_file(name: str) -> ControlFile:
         if c.children:
             raise CgroupError(errno.EBUSY, f"{name}_enabled can change only without children")
         c.hierarchy.enabled[name] = value
+        c.hierarchy.invalidate_files()
 
     return ControlFile(f"{name}_enabled", read, write, placement=Placement.ROOT_ONLY, extended=True)

@@ -10,6 +10,7 @@ the journal, the release agent runner, the event stream) hear what changed.
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,6 +23,8 @@ from containerfs.errors import CgroupError
 
 if TYPE_CHECKING:
     from containerfs.core.subsystem import Subsystem
+
+log = logging.getLogger(__name__)
 
 #: hierarchy ids are allocated cyclically in [1, MAX_HIERARCHY_ID] like the kernel's idr
 MAX_HIERARCHY_ID = 1 << 20
@@ -110,8 +113,12 @@ class Registry:
     # ------------------------------------------------------------------ events
 
     def _emit(self, method: str, *args: object) -> None:
+        # a listener's bug must not leave a change half-made: log it and go on
         for listener in self.listeners:
-            getattr(listener, method)(*args)
+            try:
+                getattr(listener, method)(*args)
+            except Exception:
+                log.exception("listener %s failed in %s", type(listener).__name__, method)
 
     def refresh(self, container: Container | None = None) -> None:
         """Apply pending tracker events, so a read reflects every fork and exit seen."""
@@ -203,6 +210,71 @@ class Registry:
         del self.containers[h.root.serial]
         del self.hierarchies[h.id]
         self._emit("hierarchy_destroyed", h)
+
+    def rebind(self, h: Hierarchy, wanted: frozenset[str]) -> None:
+        """Add and remove subsystems on a live hierarchy (the roadmap seed, 002).
+
+        An added subsystem gets state in every container, parents first, and
+        every container's tasks are attached to it; if it refuses any of them,
+        everything it was given is taken back and nothing changes. A removed
+        subsystem's state is dropped; containers and tasks stay where they are.
+        """
+        current = set(h.subsystem_names)
+        unknown = wanted - set(self.subsystems)
+        if unknown:
+            raise CgroupError(errno.EINVAL, f"unknown subsystem {sorted(unknown)[0]!r}")
+        add = [s for n, s in self.subsystems.items() if n in wanted and n not in current]
+        remove = [s for s in h.subsystems if s.name not in wanted]
+        for subsys in add:
+            owner = subsys.hierarchy
+            if owner is not None:
+                raise CgroupError(
+                    errno.EBUSY,
+                    f"subsystem {subsys.name} is already bound to hierarchy {owner.id} "
+                    f"({owner.label})",
+                )
+        containers = list(h.root.walk())
+        populated = [c for c in containers if c.tasks]
+        done: list[tuple[Subsystem, Container]] = []
+        agreed: list[tuple[Subsystem, Container]] = []
+        try:
+            for subsys in add:
+                for c in containers:
+                    c.state[subsys.name] = subsys.create(c)
+                    done.append((subsys, c))
+                subsys.bind(h)
+                for c in populated:
+                    subsys.can_attach(c, sorted(c.tasks, key=lambda t: t.tid))
+                    agreed.append((subsys, c))
+        except CgroupError as exc:
+            for subsys, c in reversed(agreed):
+                subsys.cancel_attach(c, sorted(c.tasks, key=lambda t: t.tid))
+            for subsys, c in reversed(done):
+                subsys.destroy(c)
+                del c.state[subsys.name]
+            for subsys in add:
+                if subsys.hierarchy is h:
+                    subsys.unbind(h)
+            raise CgroupError(
+                exc.errno, f"cannot add {subsys.name} to hierarchy {h.id}: {exc.message}"
+            ) from None
+        order = list(self.subsystems)
+        h.subsystems = sorted(
+            [s for s in h.subsystems if s not in remove] + add, key=lambda s: order.index(s.name)
+        )
+        for subsys in add:
+            h.enabled[subsys.name] = True
+            for c in populated:
+                tasks = sorted(c.tasks, key=lambda t: t.tid)
+                subsys.attach(c, tasks, [c] * len(tasks))
+        for subsys in remove:
+            for c in reversed(containers):
+                subsys.destroy(c)
+                c.state.pop(subsys.name, None)
+            subsys.unbind(h)
+            h.enabled.pop(subsys.name, None)
+        h.invalidate_files()
+        self._emit("hierarchy_changed", h)
 
     def _alloc_hierarchy_id(self) -> int:
         hid = self._last_hid

@@ -8,6 +8,8 @@ with direct_io and report size 0, like kernfs; every write is one command.
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import itertools
 import logging
 import os
@@ -43,11 +45,36 @@ class Handle:
     data: bytes | None = None
 
 
+def contained(cls: type) -> type:
+    """Wrap every coroutine handler of `cls`: an unexpected exception is EIO, not a crash.
+
+    pyfuse3 runs handlers in the daemon's nursery, so an exception escaping
+    one would end the daemon; a bug in one subsystem must cost one request.
+    """
+    for name, fn in list(vars(cls).items()):
+        if not inspect.iscoroutinefunction(fn):
+            continue
+
+        @functools.wraps(fn)
+        async def handler(self, *args, _fn=fn):
+            try:
+                return await _fn(self, *args)
+            except pyfuse3.FUSEError:
+                raise
+            except Exception:
+                log.exception("%s%r failed", _fn.__name__, args[:3])
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        setattr(cls, name, handler)
+    return cls
+
+
 def fuse_error(exc: CgroupError, what: str) -> pyfuse3.FUSEError:
     log.info("%s: %s", what, exc)
     return pyfuse3.FUSEError(exc.errno)
 
 
+@contained
 class Operations(pyfuse3.Operations):
     """The filesystem view of a Registry."""
 

@@ -349,3 +349,34 @@ def test_resync_places_new_tasks_by_ancestry_and_drops_the_dead(reg):
     live[800] = TaskInfo(800, 800, 1, 99, "S", 0)
     reg.resync(live)
     assert reg.tasks[800].cgroups[h.id] is h.root
+
+
+def test_rebind_adds_a_subsystem_to_a_live_hierarchy(reg):
+    h = mount(reg, "none,name=live")
+    a = mkdir(reg, h.root, "a")
+    reg.move(a, [reg.tasks[os.getpid()]])
+    reg.rebind(h, frozenset({"rec"}))
+    rec = reg.subsystems["rec"]
+    assert h.subsystem_names == ["rec"] and rec.hierarchy is h
+    assert a.state["rec"] == {"value": 0} and h.root.state["rec"] == {"value": 0}
+    assert ("attach", "/a", ("/a",)) in rec.calls  # existing tasks attached
+    assert "rec.value" in h.files(a)
+    reg.rebind(h, frozenset())
+    assert h.subsystem_names == [] and rec.hierarchy is None and "rec" not in a.state
+    assert reg.tasks[os.getpid()].cgroups[h.id] is a  # tasks stay where they are
+    assert "rec.value" not in h.files(a)
+
+
+def test_rebind_refused_changes_nothing(reg):
+    h = mount(reg, "none,name=live")
+    closed = mkdir(reg, h.root, "closed")
+    reg.move(closed, [reg.tasks[os.getpid()]])
+    with pytest.raises(CgroupError) as exc:
+        reg.rebind(h, frozenset({"rec", "veto"}))
+    assert exc.value.errno == errno.ENOSPC and "cannot add veto" in exc.value.message
+    assert h.subsystem_names == [] and closed.state == {}
+    assert reg.subsystems["rec"].hierarchy is None and reg.subsystems["veto"].hierarchy is None
+    other = mount(reg, "rec")
+    with pytest.raises(CgroupError) as exc:
+        reg.rebind(h, frozenset({"rec"}))
+    assert exc.value.errno == errno.EBUSY and f"hierarchy {other.id}" in exc.value.message
