@@ -483,14 +483,14 @@ class Registry:
 
         The kernel sends no exit event for the exec-ing thread's old tid, and
         an exit event for the old leader; what is left of the group in the
-        table besides `tgid` is that old tid, which now is `tgid`.
+        table besides `tgid` is that old tid, which now is `tgid`. Then every
+        subsystem hears of the exec (the ns subsystem looks for new namespaces).
         """
         others = [t for t in self.threads.get(tgid, ()) if t != tgid]
         if tgid in self.tasks:
             for other in others:
                 self.remove_task(other)
-            return
-        if others:
+        elif others:
             survivor = self.tasks[others[0]]
             placement = dict(survivor.cgroups)
             for other in others:
@@ -498,6 +498,12 @@ class Registry:
             self.add_task(tgid, tgid, placement=placement, start_time=survivor.start_time)
         else:
             self.adopt_tid(tid)
+        task = self.tasks.get(tgid)
+        if task is None:
+            return
+        for hid, c in task.cgroups.items():
+            for subsys in self.hierarchies[hid].subsystems:
+                subsys.exec(task, c)
 
     def adopt(self, facts: TaskFacts) -> Task:
         """Track a thread found in /proc: where a restored state had it, else by ancestry."""

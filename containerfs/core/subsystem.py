@@ -50,6 +50,9 @@ class Subsystem:
     def fork(self, task: Task, container: Container) -> None:
         """A new task appeared in `container` (fork, new thread, or adoption)."""
 
+    def exec(self, task: Task, container: Container) -> None:
+        """Process `task` (its leader) completed an execve()."""
+
     def exit(self, task: Task, container: Container) -> None:
         """A task of `container` exited; it is still a member during this call."""
 

@@ -135,3 +135,50 @@ print(s.makefile().readline())
         assert reply["ok"] is False and reply["errno"] == errno.EPERM
         assert "only root" in reply["error"]
     assert cfs.daemon_alive() and cfs.stats()["hierarchies"] == 1
+
+
+def test_the_opener_credentials_decide_not_the_writer(view, user, procs):
+    """CVE-2021-4197: a descriptor keeps the rights of whoever opened it."""
+    import ctypes
+
+    os.mkdir(view / "a")
+    root_proc = procs.sleeper()
+    # opened by root, written by the user: root's rights, the move is allowed
+    fd = os.open(view / "a" / "tasks", os.O_WRONLY)
+    try:
+        proc = subprocess.run(
+            ["python3", "-c", f"import os; os.write({fd}, b'{root_proc.pid}')"],
+            pass_fds=[fd], user=user.uid, group=user.gid, extra_groups=[],
+            capture_output=True, text=True, timeout=30,
+        )
+    finally:
+        os.close(fd)
+    assert proc.returncode == 0, proc.stderr
+    assert read_ids(view / "a" / "tasks") == [root_proc.pid]
+    # opened by the user (the file is delegated), written by root: the user's rights
+    os.chown(view / "a" / "tasks", user.uid, user.gid)
+    view.parent.chmod(0o755)
+    holder = subprocess.Popen(
+        ["python3", "-c", f"import os, sys; fd = os.open({str(view / 'a' / 'tasks')!r}, "
+         "os.O_WRONLY); print(fd, flush=True); sys.stdin.readline()"],
+        user=user.uid, group=user.gid, extra_groups=[], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        their_fd = int(holder.stdout.readline())
+        libc = ctypes.CDLL(None, use_errno=True)
+        pidfd = os.pidfd_open(holder.pid)
+        fd = libc.syscall(438, pidfd, their_fd, 0)  # pidfd_getfd: the very same open file
+        os.close(pidfd)
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+        other = procs.sleeper()
+        try:
+            with pytest.raises(OSError) as exc:
+                os.write(fd, str(other.pid).encode())
+            assert exc.value.errno == errno.EACCES
+        finally:
+            os.close(fd)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert read_ids(view / "a" / "tasks") == [root_proc.pid]
