@@ -34,6 +34,7 @@ from containerfs.fuse.ops import Operations
 from containerfs.release import DEFAULT_AGENT_TIMEOUT, DEFAULT_MAX_AGENTS, ReleaseRunner
 from containerfs.runtime import Runtime
 from containerfs.subsys import AVAILABLE
+from containerfs.subsys.virt import view_root
 from containerfs.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -332,9 +333,11 @@ class Daemon:
         self.had_hierarchy = True
         if created:
             log.info("created hierarchy %d (%s)", h.id, h.label or "no subsystems")
+        # virt: a process inside a locked container sees that container as the root
+        root = view_root(h, self.registry.known_task(peer.pid))
         return {
             "hierarchy": h.id,
-            "path": str(self.rt.hierarchy_dir(h.id)),
+            "path": str(self.rt.hierarchy_dir(h.id)) + (root.path if not root.is_root else ""),
             "created": created,
             "read_only": opts.read_only,
         }
@@ -383,6 +386,7 @@ class Daemon:
             "containers": len(self.registry.containers),
             "open_files": len(self.ops.handles),
             "release": self.release.stats(),
+            "events": {"seq": self.events.seq, "subscribers": len(self.events.subscribers)},
         }
 
     async def op_hierarchies(self, msg: dict, peer: Peer, stream: Any) -> dict:

@@ -10,6 +10,7 @@ container's own members when it is read.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 
 import trio
@@ -21,6 +22,10 @@ from containerfs.tracking.events import Exec, Exit, Fork
 from containerfs.tracking.netlink import EventsLost, ProcConnector
 
 log = logging.getLogger(__name__)
+
+#: Tests only: a netlink receive buffer (bytes) small enough that a fork storm
+#: overflows it, to prove lost events end in a correct resync.
+RCVBUF_ENV = "CONTAINERFS_NETLINK_RCVBUF"
 
 
 @dataclass
@@ -56,7 +61,8 @@ class Tracker:
     def start(self) -> None:
         """Subscribe to events (unless told not to), then place every live task."""
         if self.requested != "scan":
-            conn = ProcConnector()
+            rcvbuf = os.environ.get(RCVBUF_ENV)
+            conn = ProcConnector(int(rcvbuf)) if rcvbuf else ProcConnector()
             try:
                 conn.open()
             except OSError as exc:

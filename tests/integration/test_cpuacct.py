@@ -1,0 +1,188 @@
+"""cpuacct on real mounts: formats, reset, and usage against CPU time really burned."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from containerfs.subsys import sysinfo
+from tests.conftest import wait_for, write
+
+NCPU = sysinfo.nr_cpu_ids()
+
+#: Burns the CPU seconds it is told, reports its own CPU time burned since "go", exits on "quit".
+BURNER = r"""
+import os, sys, time
+for line in sys.stdin:
+    if line.startswith("burn"):
+        start = time.process_time()
+        end = start + float(line.split()[1])
+        x = 0
+        while time.process_time() < end:
+            for _ in range(10000):
+                x += 1
+        print(time.process_time() - start, flush=True)
+    elif line.startswith("quit"):
+        break
+"""
+
+
+class Burner:
+    def __init__(self, procs) -> None:
+        self.proc = procs.spawn(
+            sys.executable, "-c", BURNER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.pid = self.proc.pid
+
+    def burn(self, seconds: float) -> float:
+        self.proc.stdin.write(f"burn {seconds}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def quit(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def ca(cfs):
+    return cfs.mount("cpuacct,name=ca")
+
+
+def usage(path) -> int:
+    return int((path / "cpuacct.usage").read_text())
+
+
+def test_files_and_formats(ca):
+    files = {
+        "usage",
+        "usage_user",
+        "usage_sys",
+        "usage_percpu",
+        "usage_percpu_user",
+        "usage_percpu_sys",
+        "usage_all",
+        "stat",
+    }
+    assert {n for n in os.listdir(ca) if n.startswith("cpuacct.")} == {
+        f"cpuacct.{n}" for n in files
+    }
+    os.mkdir(ca / "a")
+    assert (ca / "a" / "cpuacct.usage").read_text() == "0\n"
+    assert (ca / "a" / "cpuacct.usage_percpu").read_text() == "0 " * NCPU + "\n"
+    assert (ca / "a" / "cpuacct.usage_all").read_text() == "cpu user system\n" + "".join(
+        f"{cpu} 0 0\n" for cpu in range(NCPU)
+    )
+    assert (ca / "a" / "cpuacct.stat").read_text() == "user 0\nsystem 0\n"
+    root = (ca / "cpuacct.usage_percpu").read_text()
+    assert root.endswith(" \n") and len(root.split()) == NCPU
+    assert int((ca / "cpuacct.usage").read_text()) > 0
+    stat = (ca / "cpuacct.stat").read_text().split("\n")
+    assert stat[0].startswith("user ") and stat[1].startswith("system ") and stat[2] == ""
+    for name in files - {"usage"}:
+        assert oct(os.stat(ca / "a" / f"cpuacct.{name}").st_mode & 0o777) == "0o444"
+
+
+def test_usage_follows_cpu_time_burned(ca, procs):
+    os.mkdir(ca / "a")
+    b = Burner(procs)
+    assert write(ca / "a" / "cgroup.procs", str(b.pid).encode()) == 0
+    burned = b.burn(0.6)
+    got = usage(ca / "a")
+    assert abs(got - burned * 1e9) <= 0.1 * burned * 1e9, (got, burned)
+    per_cpu = [int(x) for x in (ca / "a" / "cpuacct.usage_percpu").read_text().split()]
+    assert sum(per_cpu) == got
+    user = int((ca / "a" / "cpuacct.usage_user").read_text())
+    system = int((ca / "a" / "cpuacct.usage_sys").read_text())
+    assert user + system == got
+    rows = (ca / "a" / "cpuacct.usage_all").read_text().splitlines()[1:]
+    assert sum(int(r.split()[1]) for r in rows) == user
+    ticks = (ca / "a" / "cpuacct.stat").read_text().split()
+    assert int(ticks[1]) == user // 10**7 and int(ticks[3]) == system // 10**7
+
+
+def test_usage_survives_exit_and_parent_sums_children(ca, procs):
+    os.makedirs(ca / "a" / "x")
+    os.makedirs(ca / "a" / "y")
+    burned = {}
+    for name in ("x", "y"):
+        b = Burner(procs)
+        assert write(ca / "a" / name / "tasks", str(b.pid).encode()) == 0
+        burned[name] = b.burn(0.4)
+        b.quit()
+    for name in ("x", "y"):
+        wait_for(lambda n=name: (ca / "a" / n / "tasks").read_text() == "", 20)
+        got = usage(ca / "a" / name)
+        assert abs(got - burned[name] * 1e9) <= 0.1 * burned[name] * 1e9, (name, got)
+    assert usage(ca / "a") == usage(ca / "a" / "x") + usage(ca / "a" / "y")
+
+
+def test_usage_survives_moves(ca, procs):
+    os.mkdir(ca / "x")
+    os.mkdir(ca / "y")
+    b = Burner(procs)
+    assert write(ca / "x" / "tasks", str(b.pid).encode()) == 0
+    first = b.burn(0.3)
+    assert write(ca / "y" / "tasks", str(b.pid).encode()) == 0
+    second = b.burn(0.3)
+    in_x, in_y = usage(ca / "x"), usage(ca / "y")
+    assert abs(in_x - first * 1e9) <= 0.1 * first * 1e9
+    assert abs(in_y - second * 1e9) <= 0.1 * second * 1e9
+    assert write(ca / "tasks", str(b.pid).encode()) == 0
+    b.burn(0.2)
+    assert usage(ca / "y") == in_y  # time spent in the root is not charged to y
+
+
+def test_reset_clears_only_the_container_written(ca, procs):
+    os.makedirs(ca / "a" / "b")
+    b = Burner(procs)
+    assert write(ca / "a" / "b" / "tasks", str(b.pid).encode()) == 0
+    b.burn(0.2)
+    parent = usage(ca / "a")
+    assert parent > 0
+    assert write(ca / "a" / "b" / "cpuacct.usage", b"0\n") == 0
+    assert usage(ca / "a" / "b") < 0.01e9  # whatever ran since the reset, nowhere near 0.2 s
+    assert (ca / "a" / "b" / "cpuacct.stat").read_text() == "user 0\nsystem 0\n"
+    assert usage(ca / "a") >= parent
+    assert write(ca / "cpuacct.usage", b"0") == 0  # accepted, the global counters stay
+    assert usage(ca) > 0
+
+
+@pytest.mark.parametrize(
+    "data, err",
+    [
+        (b"1", errno.EINVAL),
+        (b" 0", errno.EINVAL),
+        (b"0 ", errno.EINVAL),
+        (b"0\n\n", errno.EINVAL),
+        (b"-0", errno.EINVAL),
+        (b"x", errno.EINVAL),
+        (b"\n", errno.EINVAL),
+        (b"18446744073709551616", errno.ERANGE),
+        (b"0" * 4097, errno.E2BIG),
+        (b"+0", 0),
+        (b"0x0", 0),
+        (b"00", 0),
+    ],
+)
+def test_usage_write_errors(cfs, ca, procs, data, err):
+    os.mkdir(ca / "a")
+    b = Burner(procs)
+    assert write(ca / "a" / "tasks", str(b.pid).encode()) == 0
+    b.burn(0.05)
+    before = usage(ca / "a")
+    assert write(ca / "a" / "cpuacct.usage", data) == err
+    if err:
+        assert usage(ca / "a") >= before > 0
+    assert cfs.daemon_alive()
+
+
+def test_read_only_files_refuse_writes(ca):
+    os.mkdir(ca / "a")
+    for name in ("usage_user", "usage_percpu", "usage_all", "stat", "usage_percpu_sys"):
+        assert write(ca / "a" / f"cpuacct.{name}", b"0") == errno.EINVAL
