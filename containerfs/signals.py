@@ -53,10 +53,11 @@ def pidfd_send_signal(pidfd: int, sig: int) -> None:
 def signal_process(pid: int, sig: int, start_time: int | None = None) -> bool:
     """Send `sig` to process `pid` through a pidfd; False if it is gone or protected.
 
-    With `start_time`, the process must still be the one that started then:
-    a pid reused between deciding and signalling is left alone.
+    The pidfd is opened first and the process read once after: that one read
+    says both whether it may be signalled and whether it is still the one
+    that started at `start_time` (a reused pid is left alone).
     """
-    if is_protected(pid):
+    if pid in PROTECTED or pid <= 1:
         log.warning("refusing to send %s to protected pid %d", signal.Signals(sig).name, pid)
         return False
     try:
@@ -66,10 +67,12 @@ def signal_process(pid: int, sig: int, start_time: int | None = None) -> bool:
             return False
         raise
     try:
-        if start_time is not None:
-            info = procscan.read_task(pid)
-            if info is None or info.start_time != start_time:
-                return False
+        info = procscan.read_task(pid)
+        if info is None or (start_time is not None and info.start_time != start_time):
+            return False
+        if info.flags & procscan.PF_KTHREAD:
+            log.warning("refusing to send %s to kernel thread %d", signal.Signals(sig).name, pid)
+            return False
         pidfd_send_signal(pidfd, sig)
         return True
     except ProcessLookupError:

@@ -91,6 +91,10 @@ def task_record(task: Task) -> dict[str, Any]:
     }
 
 
+def subsystem_record(subsys) -> dict[str, Any]:
+    return {"op": "s", "name": subsys.name, "data": subsys.saved()}
+
+
 # ------------------------------------------------------------------ model
 
 
@@ -105,6 +109,8 @@ class SavedState:
     #: tid -> (start time, {hierarchy id: path})
     tasks: dict[int, tuple[int | None, dict[int, str]]] = field(default_factory=dict)
     last_hid: int = 0
+    #: subsystem name -> what its saved() returned
+    subsystems: dict[str, Any] = field(default_factory=dict)
 
     def apply(self, rec: dict) -> None:
         op = rec["op"]
@@ -135,6 +141,8 @@ class SavedState:
                 self.tasks[tid] = (st, cg)
         elif op == "x":
             self.tasks.pop(rec["tid"], None)
+        elif op == "s":
+            self.subsystems[rec["name"]] = rec["data"]
 
     def _rename(self, hid: int, old: str, new: str) -> None:
         def moved(path: str) -> str | None:
@@ -208,6 +216,9 @@ def restore(registry: Registry, saved: SavedState) -> Placements:
         h = registry.create_hierarchy(opts, frozenset(subsys), hid=hid)
         h.enabled.update({k: v for k, v in rec.get("enabled", {}).items() if k in h.enabled})
         h.views = set(rec.get("views", ()))
+    for name, data in saved.subsystems.items():
+        if name in registry.subsystems and data is not None:
+            registry.subsystems[name].restore_saved(data)
     for (hid, path), rec in sorted(saved.containers.items(), key=lambda kv: kv[0][1].count("/")):
         h = registry.hierarchies.get(hid)
         if h is None:
@@ -306,6 +317,8 @@ class Journal(Listener):
         gen = self.gen + 1
         lines = [{"gen": gen}]
         lines += [hierarchy_record(h) for h in self.registry.hierarchies.values()]
+        lines += [subsystem_record(s) for s in self.registry.subsystems.values()
+                  if s.saved() is not None]
         for h in self.registry.hierarchies.values():
             lines += [container_record(c) for c in h.root.walk()]
         for task in self.registry.tasks.values():
@@ -381,6 +394,9 @@ class Journal(Listener):
 
     def task_removed(self, task: Task) -> None:
         self._append({"op": "x", "tid": task.tid})
+
+    def subsystem_changed(self, subsys) -> None:
+        self._append(subsystem_record(subsys))
 
 
 def remove_state(state_dir: Path) -> None:

@@ -75,6 +75,8 @@ class Listener:
 
     def tasks_moved(self, dst: Container, tasks: Sequence[Task]) -> None: ...
 
+    def subsystem_changed(self, subsys: Subsystem) -> None: ...
+
     def task_added(self, task: Task) -> None: ...
 
     def task_removed(self, task: Task) -> None: ...
@@ -372,6 +374,10 @@ class Registry:
     def hierarchy_changed(self, h: Hierarchy) -> None:
         """Something about `h` itself changed (its views, its subsystems)."""
         self._emit("hierarchy_changed", h)
+
+    def subsystem_changed(self, subsys: Subsystem) -> None:
+        """What `subsys.saved()` returns changed; listeners persist it."""
+        self._emit("subsystem_changed", subsys)
 
     # -------------------------------------------------------- populated counts
 

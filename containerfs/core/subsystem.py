@@ -64,6 +64,16 @@ class Subsystem:
         """The subsystem was released from `hierarchy`."""
         self.hierarchy = None
 
+    def saved(self) -> Any:
+        """Subsystem-wide state to journal (JSON-able), beyond container settings; None: none.
+
+        Call registry.subsystem_changed(self) whenever it changes.
+        """
+        return None
+
+    def restore_saved(self, data: Any) -> None:
+        """Take back what saved() returned, before container settings are written back."""
+
     async def run(self) -> None:
         """A background service (an audit loop, say), run by the daemon until it stops.
 

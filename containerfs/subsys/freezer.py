@@ -265,11 +265,20 @@ class FreezerSubsystem(Subsystem):
             return
         if signals.signal_process(tgid, signal.SIGSTOP, info.start_time):
             self.stopped[tgid] = info.start_time
+            self.registry.subsystem_changed(self)
 
     def _continue(self, tgid: int) -> None:
         start_time = self.stopped.pop(tgid, None)
         if start_time is not None:
             signals.signal_process(tgid, signal.SIGCONT, start_time)
+            self.registry.subsystem_changed(self)
+
+    def saved(self) -> dict:
+        """The stopped set: a restarted daemon must know what it stopped to thaw it."""
+        return {"stopped": sorted(self.stopped.items())}
+
+    def restore_saved(self, data: dict) -> None:
+        self.stopped = {int(pid): start for pid, start in data.get("stopped", ())}
 
     # ------------------------------------------------------------ task hooks
 
@@ -346,6 +355,7 @@ class FreezerSubsystem(Subsystem):
             info = procscan.read_task(tgid)
             if info is None or info.start_time != start_time:
                 del self.stopped[tgid]
+                self.registry.subsystem_changed(self)
         for tgid, start_time in list(self._refused.items()):
             info = procscan.read_task(tgid)
             if info is None or info.start_time != start_time:

@@ -50,6 +50,8 @@ class NumtasksState:
     peak: int = 0
     events: int = 0
     warned: bool = False
+    #: tasks in the subtree whose group was killed and has not exited yet
+    dying: int = 0
 
 
 def _state(c: Container) -> NumtasksState:
@@ -97,6 +99,8 @@ class Numtasks(Subsystem):
         super().__init__(registry)
         #: tgid -> start time of thread groups killed and not yet gone
         self.killed: dict[int, int | None] = {}
+        #: their tasks still tracked, counted in the ancestors' `dying`
+        self.dying: set[Task] = set()
         self.kills = 0
         self.refused_kills = 0
 
@@ -110,19 +114,17 @@ class Numtasks(Subsystem):
             state = _state(node)
             state.peak = max(state.peak, node.nr_subtree_tasks)
 
-    def _dying(self, c: Container) -> int:
-        """Tasks in `c`'s subtree that belong to groups already killed."""
-        h = c.hierarchy
-        count = 0
-        for tgid in self.killed:
-            for tid in self.registry.threads.get(tgid, ()):
-                task = self.registry.tasks.get(tid)
-                node = task.cgroups.get(h.id) if task is not None else None
-                while node is not None and node is not c:
-                    node = node.parent
-                if node is c:
-                    count += 1
-        return count
+    def _count_dying(self, task: Task, c: Container, delta: int) -> None:
+        """Keep each ancestor's count of dying tasks, so a fork costs O(depth), not O(kills)."""
+        for node in c.ancestors():
+            if node.is_root:
+                break
+            _state(node).dying += delta
+
+    def _mark_dying(self, task: Task, c: Container) -> None:
+        if task not in self.dying:
+            self.dying.add(task)
+            self._count_dying(task, c, 1)
 
     def _over_limit(self, c: Container) -> Container | None:
         """The first ancestor (not the root) whose live, unkilled tasks exceed its limit."""
@@ -130,7 +132,7 @@ class Numtasks(Subsystem):
             if node.is_root:
                 return None
             limit = _state(node).limit
-            if limit is not None and node.nr_subtree_tasks - self._dying(node) > limit:
+            if limit is not None and node.nr_subtree_tasks - _state(node).dying > limit:
                 return node
         return None
 
@@ -139,7 +141,8 @@ class Numtasks(Subsystem):
             return
         self._bump_peaks(container)
         if task.tgid in self.killed:
-            return  # a thread of a group already on its way out
+            self._mark_dying(task, container)  # a thread of a group already on its way out
+            return
         over = self._over_limit(container)
         if over is None:
             return
@@ -151,21 +154,34 @@ class Numtasks(Subsystem):
         facts = procscan.read_task(task.tgid)
         if facts is None:
             return  # already gone
-        self.killed[task.tgid] = facts.start_time
+        if task.is_leader and task.start_time is None:
+            task.start_time = facts.start_time  # known now: the journal need not read it
         if signals.signal_process(task.tgid, signal.SIGKILL, facts.start_time):
+            self.killed[task.tgid] = facts.start_time
             self.kills += 1
+            h = container.hierarchy
+            for tid in self.registry.threads.get(task.tgid, ()):
+                member = self.registry.tasks[tid]
+                self._mark_dying(member, member.cgroups[h.id])
         else:
             self.refused_kills += 1
-            self.killed.pop(task.tgid, None)
 
     def attach(self, dst: Container, tasks: Sequence[Task], sources: Sequence[Container]) -> None:
+        for task, src in zip(tasks, sources, strict=True):
+            if task in self.dying:
+                self._count_dying(task, src, -1)
+                self._count_dying(task, dst, 1)
         if not dst.is_root:
             self._bump_peaks(dst)
 
     def exit(self, task: Task, container: Container) -> None:
+        if task in self.dying:
+            self.dying.discard(task)
+            self._count_dying(task, container, -1)
         if task.tgid in self.killed and not self.registry.threads.get(task.tgid):
             del self.killed[task.tgid]
 
     def unbind(self, hierarchy: Hierarchy) -> None:
         super().unbind(hierarchy)
         self.killed.clear()
+        self.dying.clear()

@@ -31,22 +31,44 @@ for line in sys.stdin:
 """
 
 
+def runtime_ns(pid: int) -> int:
+    """The kernel's sum_exec_runtime of a (single-threaded) process: what it really ran."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
 class Burner:
+    """A process that burns CPU on request; `used()` is its CPU time since `joined()`."""
+
     def __init__(self, procs) -> None:
         self.proc = procs.spawn(
             sys.executable, "-c", BURNER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         self.pid = self.proc.pid
+        self.base = 0
+        self.final: int | None = None
+
+    def joined(self) -> None:
+        """Call right after attaching it (it is idle, waiting for a command)."""
+        self.base = runtime_ns(self.pid)
 
     def burn(self, seconds: float) -> float:
         self.proc.stdin.write(f"burn {seconds}\n")
         self.proc.stdin.flush()
         return float(self.proc.stdout.readline())
 
+    def used(self) -> float:
+        """Seconds of CPU since joining (idle, or exited and reaped by quit())."""
+        end = self.final if self.final is not None else runtime_ns(self.pid)
+        return (end - self.base) / 1e9
+
     def quit(self) -> None:
+        """Let it exit and reap it, keeping its total CPU time from the kernel."""
         self.proc.stdin.write("quit\n")
         self.proc.stdin.flush()
-        self.proc.wait(timeout=30)
+        _, _, ru = os.wait4(self.pid, 0)
+        self.final = round((ru.ru_utime + ru.ru_stime) * 1e9)
+        self.proc.returncode = 0
 
 
 @pytest.fixture
@@ -92,7 +114,9 @@ def test_usage_follows_cpu_time_burned(ca, procs):
     os.mkdir(ca / "a")
     b = Burner(procs)
     assert write(ca / "a" / "cgroup.procs", str(b.pid).encode()) == 0
-    burned = b.burn(0.6)
+    b.joined()
+    b.burn(0.6)
+    burned = b.used()
     got = usage(ca / "a")
     assert abs(got - burned * 1e9) <= 0.1 * burned * 1e9, (got, burned)
     per_cpu = [int(x) for x in (ca / "a" / "cpuacct.usage_percpu").read_text().split()]
@@ -113,8 +137,10 @@ def test_usage_survives_exit_and_parent_sums_children(ca, procs):
     for name in ("x", "y"):
         b = Burner(procs)
         assert write(ca / "a" / name / "tasks", str(b.pid).encode()) == 0
-        burned[name] = b.burn(0.4)
+        b.joined()
+        b.burn(0.4)
         b.quit()
+        burned[name] = b.used()
     for name in ("x", "y"):
         wait_for(lambda n=name: (ca / "a" / n / "tasks").read_text() == "", 20)
         got = usage(ca / "a" / name)
@@ -127,9 +153,13 @@ def test_usage_survives_moves(ca, procs):
     os.mkdir(ca / "y")
     b = Burner(procs)
     assert write(ca / "x" / "tasks", str(b.pid).encode()) == 0
-    first = b.burn(0.3)
+    b.joined()
+    b.burn(0.3)
+    first = b.used()
     assert write(ca / "y" / "tasks", str(b.pid).encode()) == 0
-    second = b.burn(0.3)
+    b.joined()
+    b.burn(0.3)
+    second = b.used()
     in_x, in_y = usage(ca / "x"), usage(ca / "y")
     assert abs(in_x - first * 1e9) <= 0.1 * first * 1e9
     assert abs(in_y - second * 1e9) <= 0.1 * second * 1e9

@@ -123,3 +123,28 @@ def test_crash_loop_loses_nothing(cfs, procs):
                         other.discard(("pid", pid))
                 done.setdefault(name, set()).add(("pid", pid))
     assert len(done) >= 8
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_frozen_set_survives_a_restart(cfs, procs):
+    view = cfs.mount("freezer")
+    os.mkdir(view / "ice")
+    frozen, pre_stopped = procs.sleeper(), procs.sleeper()
+    os.kill(pre_stopped.pid, signal.SIGSTOP)
+    wait_for(lambda: proc_state(pre_stopped.pid) == "T")
+    for p in (frozen, pre_stopped):
+        write(view / "ice" / "cgroup.procs", str(p.pid).encode())
+    (view / "ice" / "freezer.state").write_bytes(b"FROZEN")
+    wait_for(lambda: (view / "ice" / "freezer.state").read_bytes() == b"FROZEN\n")
+    crash(cfs)
+    cfs.start()
+    wait_for(lambda: served(view), timeout=10)
+    assert (view / "ice" / "freezer.state").read_bytes() == b"FROZEN\n"
+    (view / "ice" / "freezer.state").write_bytes(b"THAWED")
+    wait_for(lambda: proc_state(frozen.pid) == "S")
+    assert proc_state(pre_stopped.pid) == "T"  # stopped before the freeze: left stopped
+    os.kill(pre_stopped.pid, signal.SIGCONT)
