@@ -235,7 +235,9 @@ def sandboxed(sandbox: set[int]) -> st.SearchStrategy[bytes]:
 
 @pytest.mark.skipif(not AVAILABLE, reason="no subsystem is available yet")
 def test_random_writes_to_subsystem_files(cfs, procs):
-    names = ",".join(cls.name for cls in AVAILABLE)
+    # ns has no writable file, and its attach rule (only into an empty child of
+    # the task's container) does not fit the sandbox tree: it has tests of its own
+    names = ",".join(cls.name for cls in AVAILABLE if cls.name != "ns")
     view = cfs.mount(names)
     sandbox: set[int] = set()
     sandbox_tree(view, procs, sandbox)
