@@ -68,7 +68,7 @@ def container_record(c: Container) -> dict[str, Any]:
     for name, cf in c.hierarchy.files(c).items():
         if cf.read and cf.write and cf.persist:
             try:
-                files[name] = cf.read(c)
+                files[name] = (cf.save or cf.read)(c)
             except CgroupError:
                 continue
     return {

@@ -226,7 +226,6 @@ def _write_auto_delete(c: Container, data: bytes, caller: Caller) -> None:
         store.auto_delete.add(c.serial)
     else:
         store.auto_delete.discard(c.serial)
-    c.hierarchy.registry.changed(c)
 
 
 def _read_events(c: Container) -> str:

@@ -68,6 +68,8 @@ class ControlFile:
     extended: bool = False
     #: a setting the journal keeps and a restart writes back (not a counter or a command)
     persist: bool = True
+    #: what the journal keeps when a read shows a transient state (FREEZING) instead
+    save: Reader | None = None
 
     @property
     def mode(self) -> int:

@@ -362,7 +362,8 @@ class Operations(pyfuse3.Operations):
             if write is None:
                 raise CgroupError(errno.EINVAL, "the file is read-only")
             write(h.container, bytes(buf), h.caller)
-            self.registry.changed(h.container)
+            if h.cf.persist:  # moves and commands are journaled by their own events
+                self.registry.changed(h.container)
             return len(buf)
 
         return self._guard(h, "write", apply)

@@ -391,7 +391,7 @@ def _write_usage(c: Container, data: bytes, caller: Caller) -> None:
 
 
 _FILES = (
-    ControlFile("usage", _read_total("total"), _write_usage),
+    ControlFile("usage", _read_total("total"), _write_usage, persist=False),
     ControlFile("usage_user", _read_total("user")),
     ControlFile("usage_sys", _read_total("system")),
     ControlFile("usage_percpu", _read_percpu("total")),

@@ -128,7 +128,11 @@ def _write_state(c: Container, data: bytes, caller: Caller) -> None:
         _subsys(c).thaw(c)
     else:
         raise ParseError(errno.EINVAL, f"freezer.state takes FROZEN or THAWED, not {word!r}")
-    c.hierarchy.registry.changed(c)
+
+
+def _saved_state(c: Container) -> str:
+    """The intent, not the progress: FROZEN only where FROZEN was written to `c` itself."""
+    return "FROZEN\n" if _subsys(c).state(c).self_freezing else "THAWED\n"
 
 
 def _read_self_freezing(c: Container) -> str:
@@ -144,7 +148,8 @@ class FreezerSubsystem(Subsystem):
 
     name = "freezer"
     files = (
-        ControlFile("state", _read_state, _write_state, placement=Placement.NOT_ROOT),
+        ControlFile("state", _read_state, _write_state, placement=Placement.NOT_ROOT,
+                    save=_saved_state),
         ControlFile("self_freezing", _read_self_freezing, placement=Placement.NOT_ROOT),
         ControlFile("parent_freezing", _read_parent_freezing, placement=Placement.NOT_ROOT),
     )

@@ -216,7 +216,6 @@ def _read_max(c: Container) -> str:
 def _write_max(c: Container, data: bytes, caller: Caller) -> None:
     # pids.max's parser: stripped, "max", else a signed number (EINVAL out of range)
     _subsys(c).set_max(c, parse_max_or_int(data, 0, MAX_LIMIT))
-    c.hierarchy.registry.changed(c)
 
 
 def _read_events(c: Container) -> str:

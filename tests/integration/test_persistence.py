@@ -148,3 +148,50 @@ def test_frozen_set_survives_a_restart(cfs, procs):
     wait_for(lambda: proc_state(frozen.pid) == "S")
     assert proc_state(pre_stopped.pid) == "T"  # stopped before the freeze: left stopped
     os.kill(pre_stopped.pid, signal.SIGCONT)
+
+
+
+def test_a_freeze_in_progress_survives_a_restart(cfs):
+    """A container still FREEZING at the crash is freezing after the restart.
+
+    The test process is an ancestor of the daemon, which the freezer never
+    stops, so the container stays FREEZING for as long as it is in it.
+    """
+    view = cfs.mount("freezer")
+    os.mkdir(view / "ice")
+    write(view / "ice" / "cgroup.procs", str(os.getpid()).encode())
+    try:
+        (view / "ice" / "freezer.state").write_bytes(b"FROZEN")
+        assert (view / "ice" / "freezer.state").read_bytes() == b"FREEZING\n"
+        crash(cfs)
+        cfs.start()
+        wait_for(lambda: served(view), timeout=10)
+        assert (view / "ice" / "freezer.state").read_bytes() == b"FREEZING\n"
+        assert (view / "ice" / "freezer.self_freezing").read_bytes() == b"1\n"
+    finally:
+        write(view / "cgroup.procs", str(os.getpid()).encode())
+
+
+def test_freezer_keeps_its_intent_not_its_progress(cfs, procs):
+    """A restart keeps where FROZEN was written, not what a read showed at the time.
+
+    A child under a frozen parent reads FROZEN but was never frozen itself; a
+    container caught FREEZING was. Two restarts in a row must not turn the
+    child's inherited state into its own.
+    """
+    view = cfs.mount("freezer")
+    os.makedirs(view / "top" / "kid")
+    kid = procs.sleeper()
+    write(view / "top" / "kid" / "cgroup.procs", str(kid.pid).encode())
+    (view / "top" / "freezer.state").write_bytes(b"FROZEN")
+    wait_for(lambda: (view / "top" / "kid" / "freezer.state").read_bytes() == b"FROZEN\n")
+    for _ in range(2):
+        crash(cfs)
+        cfs.start()
+        wait_for(lambda: served(view), timeout=10)
+    assert (view / "top" / "freezer.self_freezing").read_bytes() == b"1\n"
+    assert (view / "top" / "kid" / "freezer.self_freezing").read_bytes() == b"0\n"
+    assert (view / "top" / "kid" / "freezer.parent_freezing").read_bytes() == b"1\n"
+    (view / "top" / "freezer.state").write_bytes(b"THAWED")
+    assert (view / "top" / "kid" / "freezer.state").read_bytes() == b"THAWED\n"
+    wait_for(lambda: proc_state(kid.pid) == "S")
