@@ -106,6 +106,9 @@ class Registry:
         self.listeners: list[Listener] = []
         #: called before a read that must reflect every event received so far
         self.refresh_hook: Callable[[Container | None], None] | None = None
+        #: True while the tracker applies every fork and exit the kernel reports:
+        #: a known task is then moved without reading its /proc files again
+        self.follows_events = False
         #: (tid, start time) -> containers, from a restored state: where a task
         #: goes when the first scan after a restart finds it
         self.placements: dict[tuple[int, int | None], dict[int, Container]] = {}
@@ -570,6 +573,7 @@ class Registry:
             raise CgroupError(errno.ENODEV, f"{dst.path} has been removed")
         if tid == 0:
             tid = caller.tid
+        self.refresh()
         task = self.known_task(tid)
         if task is None:
             if self.proc.exists(tid):
@@ -578,10 +582,16 @@ class Registry:
         checked = task
         if threadgroup:
             checked = self.tasks.get(task.tgid, task)
-        facts = self.proc.read_task(checked.tid)
-        if facts is None:
+        if checked.movable is None or not self.follows_events:
+            facts = self.proc.read_task(checked.tid)
+            if facts is None:
+                raise CgroupError(errno.ESRCH, f"task {checked.tid} exited")
+            checked.movable = not self.proc.is_unmovable(facts)
+            if checked.start_time is None:
+                checked.start_time = facts.start_time
+        elif not self.proc.exists(checked.tid):
             raise CgroupError(errno.ESRCH, f"task {checked.tid} exited")
-        if self.proc.is_unmovable(facts):
+        if not checked.movable:
             raise CgroupError(errno.EINVAL, f"kernel thread {checked.tid} cannot be moved")
         if not caller.is_root:
             ids = self.proc.read_ids(checked.tid)

@@ -17,12 +17,14 @@ class Task:
     read per fork.
     """
 
-    __slots__ = ("cgroups", "start_time", "tgid", "tid")
+    __slots__ = ("cgroups", "movable", "start_time", "tgid", "tid")
 
     def __init__(self, tid: int, tgid: int, start_time: int | None = None) -> None:
         self.tid = tid
         self.tgid = tgid
         self.start_time = start_time
+        #: False for a kernel thread the kernel would not move; None until read
+        self.movable: bool | None = None
         #: hierarchy id -> the container this task is in there
         self.cgroups: dict[int, Container] = {}
 

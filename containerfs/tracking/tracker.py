@@ -74,6 +74,7 @@ class Tracker:
                 self.mode = "netlink"
         self.registry.refresh_hook = self.refresh
         self._apply_scan(procscan.scan_tasks())
+        self.registry.follows_events = self.conn is not None
         log.info("tracking %d tasks in %s mode", len(self.registry.tasks), self.mode)
 
     def close(self) -> None:
@@ -101,6 +102,7 @@ class Tracker:
         except EventsLost:
             self.counters.losses += 1
             self._resync_needed = True
+            self.registry.follows_events = False  # until the resync puts every task right
             log.warning("netlink lost events (ENOBUFS); resyncing from /proc")
             return
         reg = self.registry
@@ -156,6 +158,7 @@ class Tracker:
                 self.drain()
             self._apply_scan(live)
             self.counters.resyncs += 1
+            self.registry.follows_events = self.conn is not None and not self._resync_needed
         finally:
             self._touched = None
 

@@ -266,9 +266,29 @@ def test_unmovable_kernel_thread_is_einval(reg):
         pytest.skip("no per-CPU kernel thread visible here")
     h = mount(reg, "none,name=a")
     a = mkdir(reg, h.root, "a")
-    with pytest.raises(CgroupError) as exc:
-        reg.attach(a, kthreads[0].tid, threadgroup=False, caller=ROOT)
-    assert exc.value.errno == errno.EINVAL
+    reg.follows_events = True  # the second try answers from what the first one learned
+    for _ in range(2):
+        with pytest.raises(CgroupError) as exc:
+            reg.attach(a, kthreads[0].tid, threadgroup=False, caller=ROOT)
+        assert exc.value.errno == errno.EINVAL
+
+
+def test_a_known_task_that_exited_is_esrch_when_following_events(reg):
+    """With events, a known task is moved without rereading /proc, but never a dead one."""
+    h = mount(reg, "none,name=a")
+    a = mkdir(reg, h.root, "a")
+    child = subprocess.Popen(["sleep", "100"])
+    reg.follows_events = True
+    try:
+        reg.attach(a, child.pid, threadgroup=False, caller=ROOT)
+        assert reg.tasks[child.pid].movable is True
+        assert reg.tasks[child.pid].start_time is not None
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(CgroupError) as exc:  # its exit event never came: /proc decides
+        reg.attach(h.root, child.pid, threadgroup=False, caller=ROOT)
+    assert exc.value.errno == errno.ESRCH
 
 
 def test_fork_inherits_and_threads_join_the_leader(reg):
