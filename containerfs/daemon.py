@@ -134,8 +134,10 @@ class Daemon:
         saved = state.load(self.rt.state)
         self._detach_dead_views(saved)
         self.registry.placements = state.restore(self.registry, saved)
+        homes = {c for where in self.registry.placements.values() for c in where.values()}
         self.tracker.start()
         self.registry.placements = {}
+        self.registry.recheck_emptied(homes)
         for h in list(self.registry.hierarchies.values()):
             self._rebind[h.id], h.views = h.views, set()
             if not self._rebind[h.id] and not h.has_children():

@@ -82,6 +82,10 @@ class Listener:
     def task_removed(self, task: Task) -> None: ...
 
 
+#: how many untracked generations above a task adopt() learns before it
+MAX_ADOPT_DEPTH = 64
+
+
 class Registry:
     """All grouping state, and the rules that change it."""
 
@@ -403,6 +407,23 @@ class Registry:
             self._emit("populated_changed", node)
             self._check_release(node)
 
+    def recheck_emptied(self, containers: Iterable[Container]) -> None:
+        """After a restart: the containers that held tasks when the daemon died.
+
+        Those found empty now lost their tasks while nothing watched; their
+        depopulation (spec 6.1, moment 1) is seen now, for them and for every
+        ancestor left empty, as it would have been at the time.
+        """
+        seen: set[Container] = set()
+        for c in containers:
+            for node in c.ancestors():
+                if node in seen:
+                    break
+                seen.add(node)
+                if not node.removed and not node.populated:
+                    self._emit("populated_changed", node)
+                    self._check_release(node)
+
     def _check_release(self, c: Container) -> None:
         """Evaluate the release condition R(C) of spec 6.1 at one of its moments."""
         if c.notify_on_release and not c.removed and not c.children and not c.populated:
@@ -442,8 +463,13 @@ class Registry:
         like: Task | None = None,
         start_time: int | None = None,
         placement: dict[int, Container] | None = None,
+        restored: bool = False,
     ) -> Task:
-        """Start tracking a task in `placement`, else where `like` is, else the roots."""
+        """Start tracking a task in `placement`, else where `like` is, else the roots.
+
+        A `restored` task is one the daemon knew before a restart, back where
+        it was: its subsystems hear `restore`, not `fork`, since it is no new task.
+        """
         old = self.tasks.get(tid)
         if old is not None:
             self.remove_task(tid)
@@ -460,7 +486,10 @@ class Registry:
                 c = h.root
             self._join(task, c)
             for subsys in h.subsystems:
-                subsys.fork(task, c)
+                if restored:
+                    subsys.restore(task, c)
+                else:
+                    subsys.fork(task, c)
         self._emit("task_added", task)
         return task
 
@@ -500,11 +529,9 @@ class Registry:
             for other in others:
                 self.remove_task(other)
         elif others:
-            survivor = self.tasks[others[0]]
-            placement = dict(survivor.cgroups)
-            for other in others:
+            for other in others[1:]:
                 self.remove_task(other)
-            self.add_task(tgid, tgid, placement=placement, start_time=survivor.start_time)
+            self._retid(self.tasks[others[0]], tgid)
         else:
             self.adopt_tid(tid)
         task = self.tasks.get(tgid)
@@ -514,18 +541,41 @@ class Registry:
             for subsys in self.hierarchies[hid].subsystems:
                 subsys.exec(task, c)
 
-    def adopt(self, facts: TaskFacts) -> Task:
-        """Track a thread found in /proc: where a restored state had it, else by ancestry."""
+    def _retid(self, task: Task, tid: int) -> None:
+        """The same thread under a new tid (de_thread): it never left its containers.
+
+        Re-adding it would empty its containers for an instant, and an empty
+        container is released. de_thread also gives it the leader's start time,
+        which is read again when needed.
+        """
+        self._emit("task_removed", task)
+        self.tasks.pop(task.tid, None)
+        self.threads[task.tgid].discard(task.tid)
+        task.tid, task.start_time = tid, None
+        self.tasks[tid] = task
+        self.threads[task.tgid].add(tid)
+        self._emit("task_added", task)
+
+    def adopt(self, facts: TaskFacts, depth: int = 0) -> Task:
+        """Track a thread found in /proc: where a restored state had it, else by ancestry.
+
+        Its ancestry must be known first: a thread's leader, or a process's
+        parent, forked since the last scan is adopted before it (up to
+        MAX_ADOPT_DEPTH generations), or the task would land in the roots.
+        """
         placement = self.placements.pop((facts.tid, facts.start_time), None)
         if placement is not None:
             return self.add_task(facts.tid, facts.tgid, placement=placement,
-                                 start_time=facts.start_time)
+                                 start_time=facts.start_time, restored=True)
+        kin = facts.tgid if facts.tid != facts.tgid else facts.ppid
+        if kin > 0 and kin not in self.tasks and depth < MAX_ADOPT_DEPTH:
+            self.adopt_tid(kin, depth + 1)
         like = self._inheritance(facts.tid, facts.tgid, facts.ppid, facts.ppid)
         return self.add_task(facts.tid, facts.tgid, like=like, start_time=facts.start_time)
 
-    def adopt_tid(self, tid: int) -> Task | None:
+    def adopt_tid(self, tid: int, depth: int = 0) -> Task | None:
         facts = self.proc.read_task(tid)
-        return self.adopt(facts) if facts is not None else None
+        return self.adopt(facts, depth) if facts is not None else None
 
     def known_task(self, tid: int) -> Task | None:
         """The tracked task `tid`, learning it from /proc if the tracker has not yet."""
@@ -562,7 +612,8 @@ class Registry:
                 self.remove_task(tid)
                 new.append(facts)
         for facts in sorted(new, key=lambda f: (f.start_time, f.tgid != f.tid, f.tid)):
-            self.adopt(facts)
+            if facts.tid not in self.tasks:  # not learned already as an ancestor of another
+                self.adopt(facts)
         return fixed + len(new)
 
     # ------------------------------------------------------------------ attach

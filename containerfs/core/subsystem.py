@@ -48,7 +48,14 @@ class Subsystem:
         """Commit a move; `sources[i]` is where `tasks[i]` was. Must not fail."""
 
     def fork(self, task: Task, container: Container) -> None:
-        """A new task appeared in `container` (fork, new thread, or adoption)."""
+        """A new task appeared in `container` (fork, new thread, or first seen by a scan)."""
+
+    def restore(self, task: Task, container: Container) -> None:
+        """After a restart, a task the daemon knew is back in `container`.
+
+        It is not new: it must not count as a fork (numtasks kills over-limit
+        forks), and what it ran before this moment is not this daemon's to charge.
+        """
 
     def exec(self, task: Task, container: Container) -> None:
         """Process `task` (its leader) completed an execve()."""

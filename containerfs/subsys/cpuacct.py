@@ -484,6 +484,13 @@ class Cpuacct(Subsystem):
             # a new task's counters start at zero: counting from zero misses nothing
             self._track(task, Sample(0, 0, 0, 0, task.start_time))
 
+    def restore(self, task: Task, container: Container) -> None:
+        """Back after a restart: only what it runs from now on is charged here."""
+        if not container.is_root:
+            sample = read_sample(task.tid)
+            if sample is not None:
+                self._track(task, sample)
+
     def attach(self, dst: Container, tasks: Sequence[Task], sources: Sequence[Container]) -> None:
         for task, src in zip(tasks, sources, strict=True):
             sample = read_sample(task.tid)

@@ -307,6 +307,10 @@ class Cpuset(Subsystem):
             self.pending.add(task)
             self._poke()
 
+    def restore(self, task: Task, container: Container) -> None:
+        """Back after a restart: its mask may have drifted while nothing watched."""
+        self.fork(task, container)
+
     def exit(self, task: Task, container: Container) -> None:
         self.requested.pop(task, None)
         self.applied.pop(task, None)

@@ -166,6 +166,11 @@ class Numtasks(Subsystem):
         else:
             self.refused_kills += 1
 
+    def restore(self, task: Task, container: Container) -> None:
+        """Back after a restart: counted, never killed (it may be there by a move)."""
+        if not container.is_root:
+            self._bump_peaks(container)
+
     def attach(self, dst: Container, tasks: Sequence[Task], sources: Sequence[Container]) -> None:
         for task, src in zip(tasks, sources, strict=True):
             if task in self.dying:

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -195,3 +196,35 @@ def test_freezer_keeps_its_intent_not_its_progress(cfs, procs):
     (view / "top" / "freezer.state").write_bytes(b"THAWED")
     assert (view / "top" / "kid" / "freezer.state").read_bytes() == b"THAWED\n"
     wait_for(lambda: proc_state(kid.pid) == "S")
+
+
+def test_a_restart_neither_kills_nor_recharges_what_it_restores(cfs, procs):
+    """Restored tasks are no forks: numtasks kills none of those moved in over the
+    limit (moves may exceed it), and cpuacct charges none of their earlier CPU time."""
+    view = cfs.mount("numtasks,cpuacct")
+    os.mkdir(view / "lim")
+    (view / "lim" / "numtasks.max").write_bytes(b"1")
+    burner = procs.spawn(sys.executable, "-c",
+                         "import time\nt = time.process_time()\n"
+                         "while time.process_time() - t < 0.5: pass\n"
+                         "time.sleep(1000)")
+    wait_for(lambda: proc_cpu_ns(burner.pid) >= 500_000_000, timeout=30)
+    sleepers = [procs.sleeper() for _ in range(2)]
+    for p in (burner, *sleepers):
+        write(view / "lim" / "cgroup.procs", str(p.pid).encode())
+    assert (view / "lim" / "numtasks.current").read_bytes() == b"3\n"
+    crash(cfs)
+    cfs.start()
+    wait_for(lambda: served(view), timeout=10)
+    time.sleep(0.5)
+    assert all(p.poll() is None for p in (burner, *sleepers))
+    assert sorted(read_ids(view / "lim" / "cgroup.procs")) == sorted(
+        p.pid for p in (burner, *sleepers))
+    assert (view / "lim" / "numtasks.events").read_bytes() == b"max 0\n"
+    assert int((view / "lim" / "cpuacct.usage").read_bytes()) < 100_000_000
+
+
+def proc_cpu_ns(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 10_000_000  # utime + stime, USER_HZ 100

@@ -414,3 +414,30 @@ def test_only_root_sets_the_agent(workdir, cfs):
     # and root still may
     assert write(target, b"/sbin/agent\n") == 0
     assert target.read_bytes() == b"/sbin/agent\n"
+
+
+def test_a_container_emptied_while_the_daemon_was_down_is_released(workdir, cfs, procs):
+    """Tasks that exit while no daemon runs still empty their containers (spec 6.1)."""
+    view = cfs.mount("none,name=down,extended")
+    agent, runs = recorder(workdir)
+    set_agent(view, agent)
+    for name in ("gone", "kept", "flagged"):
+        (view / name).mkdir()
+        (view / name / "notify_on_release").write_bytes(b"1")
+    assert write(view / "flagged" / "cgroup.auto_delete", b"1") == 0
+    doomed, stays, flagged = procs.sleeper(), procs.sleeper(), procs.sleeper()
+    for name, p in (("gone", doomed), ("kept", stays), ("flagged", flagged)):
+        assert write(view / name / "cgroup.procs", str(p.pid).encode()) == 0
+    cfs.daemon.kill()
+    cfs.daemon.wait(timeout=10)
+    for p in (doomed, flagged):
+        p.kill()
+        p.wait()
+    cfs.start()
+    wait_for(lambda: len(recorded(runs)) == 2, timeout=30)
+    assert sorted(run["arg1"] for run in recorded(runs)) == ["/flagged", "/gone"]
+    wait_for(lambda: not (view / "flagged").exists(), timeout=30)
+    assert (view / "gone").is_dir()  # released, not removed: its agent does nothing
+    assert [int(x) for x in (view / "kept" / "tasks").read_text().split()] == [stays.pid]
+    time.sleep(0.5)
+    assert len(recorded(runs)) == 2  # and "kept", still populated, never

@@ -49,3 +49,21 @@ def test_scan_mode_without_netlink(cfs_scan, procs):
     parent.wait()
     wait_for(lambda: parent.pid not in read_ids(view / "a" / "tasks"))
     assert cfs_scan.stats()["tracker"]["scans"] >= 2
+
+
+def test_scan_mode_places_an_unseen_grandchild_by_its_ancestry(cfs_scan, procs):
+    """A process whose parent the scan has not seen yet still starts in their container.
+
+    The grandchild opens a control file (so it is learned at once) while its
+    parent, forked a moment ago, is still unknown: the parent is learned
+    first, in the container of the shell that forked it.
+    """
+    view = cfs_scan.mount("none,name=scan")
+    os.mkdir(view / "a")
+    shell = procs.spawn("sh", "-c", f"read x; sh -c 'cat {view}/a/tasks; echo $$'",
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert write(view / "a" / "cgroup.procs", str(shell.pid).encode()) == 0
+    out, _ = shell.communicate("go\n", timeout=30)
+    listed, middle = [int(x) for x in out.split()[:-1]], int(out.split()[-1])
+    assert middle in listed  # the parent, learned through its child, is in `a`
+    assert len(listed) == 3  # the shell, its child sh, and the cat the child forked

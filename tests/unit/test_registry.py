@@ -311,9 +311,15 @@ def test_exec_by_a_thread_takes_the_leader_tid(reg):
     reg.add_task(700, 700)
     reg.fork(1, 1, 701, 700)
     reg.move(a, [reg.tasks[701]])
+    a.notify_on_release = True
+    events = Events()
+    reg.listeners.append(events)
     reg.remove_task(700)  # de_thread(): the old leader's exit event
     reg.exec(700, 700)
     assert 701 not in reg.tasks and reg.tasks[700].cgroups[h.id] is a
+    assert reg.threads[700] == {700} and a.tasks == {reg.tasks[700]}
+    # the thread never left `a`: no emptied moment, no release (spec 6.1)
+    assert events.populated == [] and events.released == []
 
 
 def test_rename_rules(reg):
