@@ -78,7 +78,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self.journal = state.Journal(self.registry, rt.state)
         #: views a restored state had, bound again once the FUSE loop runs
-        self._rebind: dict[int, set[str]] = {}
+        self._rebind: dict[int, dict[str, tuple[str, bool]]] = {}
         self.handlers: dict[str, Handler] = {
             "ping": self.op_ping,
             "mount": self.op_mount,
@@ -139,7 +139,7 @@ class Daemon:
         self.registry.placements = {}
         self.registry.recheck_emptied(homes)
         for h in list(self.registry.hierarchies.values()):
-            self._rebind[h.id], h.views = h.views, set()
+            self._rebind[h.id], h.views = h.views, {}
             if not self._rebind[h.id] and not h.has_children():
                 self.registry.destroy_hierarchy(h)  # nothing would ever show it again
         if self.registry.hierarchies:
@@ -151,10 +151,11 @@ class Daemon:
 
     async def _rebind_views(self) -> None:
         for hid, views in self._rebind.items():
-            for view in sorted(views):
-                source = str(self.rt.hierarchy_dir(hid))
+            for view, (sub, read_only) in sorted(views.items()):
+                # the same subtree (a virt-locked caller's), read-only if it was
+                source = str(self.rt.hierarchy_dir(hid)) + (sub if sub != "/" else "")
                 try:
-                    await trio.to_thread.run_sync(mounts.bind, source, view)
+                    await trio.to_thread.run_sync(mounts.bind, source, view, read_only)
                     log.info("bound hierarchy %d again on %s", hid, view)
                 except OSError as exc:
                     log.warning("cannot bind hierarchy %d on %s again: %s", hid, view, exc)
@@ -211,7 +212,7 @@ class Daemon:
                     mounts.umount(view, lazy=True)
                 except OSError as exc:
                     log.warning("cannot unmount view %s: %s", view, exc)
-            h.views = set()
+            h.views = {}
             self.registry.hierarchy_changed(h)
         self.journal.close()
         try:
@@ -236,15 +237,15 @@ class Daemon:
 
     # ------------------------------------------------------------------- views
 
-    def _views(self) -> dict[int, set[str]]:
-        """hierarchy id -> mount points of its views, from the mount table."""
-        views: dict[int, set[str]] = {}
+    def _views(self) -> dict[int, dict[str, tuple[str, bool]]]:
+        """hierarchy id -> its views, mount point -> (path shown, read-only), from mountinfo."""
+        views: dict[int, dict[str, tuple[str, bool]]] = {}
         for m in mounts.read_mounts():
             if m.device != self.fs_device or m.mount_point == str(self.rt.fs):
                 continue
-            first = m.root.strip("/").split("/", 1)[0]
+            first, _, sub = m.root.strip("/").partition("/")
             if first.isdigit():
-                views.setdefault(int(first), set()).add(m.mount_point)
+                views.setdefault(int(first), {})[m.mount_point] = ("/" + sub, m.read_only)
         return views
 
     def update_views(self) -> None:
@@ -252,7 +253,7 @@ class Daemon:
         current = self._views()
         for h in list(self.registry.hierarchies.values()):
             had = bool(h.views)
-            views = current.get(h.id, set())
+            views = current.get(h.id, {})
             if views != h.views:
                 h.views = views
                 self.registry.hierarchy_changed(h)

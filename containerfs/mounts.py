@@ -63,6 +63,12 @@ class Mount:
     root: str
     mount_point: str
     fstype: str
+    #: the per-mount options ("rw,nosuid,relatime")
+    options: str = ""
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options.split(",")
 
 
 def read_mounts(path: str = "/proc/self/mountinfo") -> list[Mount]:
@@ -78,6 +84,7 @@ def read_mounts(path: str = "/proc/self/mountinfo") -> list[Mount]:
                     _unescape(fields[3]),
                     _unescape(fields[4]),
                     fields[sep + 1],
+                    fields[5],
                 )
             )
     return mounts

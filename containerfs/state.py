@@ -54,7 +54,7 @@ def hierarchy_record(h: Hierarchy) -> dict[str, Any]:
         "noprefix": h.noprefix,
         "extended": h.extended,
         "enabled": h.enabled,
-        "views": sorted(h.views),
+        "views": {view: list(spec) for view, spec in sorted(h.views.items())},
     }
 
 
@@ -143,6 +143,12 @@ class SavedState:
             self.tasks.pop(rec["tid"], None)
         elif op == "s":
             self.subsystems[rec["name"]] = rec["data"]
+        elif op == "si":
+            items = self.subsystems.setdefault(rec["name"], {})
+            if rec["value"] is None:
+                items.pop(rec["key"], None)
+            else:
+                items[rec["key"]] = rec["value"]
 
     def _rename(self, hid: int, old: str, new: str) -> None:
         def moved(path: str) -> str | None:
@@ -215,7 +221,7 @@ def restore(registry: Registry, saved: SavedState) -> Placements:
         )
         h = registry.create_hierarchy(opts, frozenset(subsys), hid=hid)
         h.enabled.update({k: v for k, v in rec.get("enabled", {}).items() if k in h.enabled})
-        h.views = set(rec.get("views", ()))
+        h.views = {view: (sub, bool(ro)) for view, (sub, ro) in rec.get("views", {}).items()}
     for name, data in saved.subsystems.items():
         if name in registry.subsystems and data is not None:
             registry.subsystems[name].restore_saved(data)
@@ -395,8 +401,12 @@ class Journal(Listener):
     def task_removed(self, task: Task) -> None:
         self._append({"op": "x", "tid": task.tid})
 
-    def subsystem_changed(self, subsys) -> None:
-        self._append(subsystem_record(subsys))
+    def subsystem_changed(self, subsys, key: str | None) -> None:
+        if key is None:
+            self._append(subsystem_record(subsys))
+        else:
+            self._append({"op": "si", "name": subsys.name, "key": key,
+                          "value": subsys.saved_item(key)})
 
 
 def remove_state(state_dir: Path) -> None:

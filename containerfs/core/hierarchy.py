@@ -44,7 +44,9 @@ class Hierarchy:
         self.release_agent = release_agent
         self.root: Container
         #: mount points showing this hierarchy, as the daemon's mount table has them
-        self.views: set[str] = set()
+        #: mount point -> (the path in the hierarchy it shows, read-only), from
+        #: the mount table: what a restart needs to bind each view again as it was
+        self.views: dict[str, tuple[str, bool]] = {}
         #: the seeds' <subsys>_enabled: a disabled subsystem creates no state for
         #: new children, which share their parent's
         self.enabled: dict[str, bool] = {sub.name: enabled for sub in subsystems}

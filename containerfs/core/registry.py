@@ -20,6 +20,7 @@ from containerfs.core.hierarchy import Hierarchy
 from containerfs.core.options import MountOptions
 from containerfs.core.task import Task
 from containerfs.errors import CgroupError
+from containerfs.subsys import virt
 
 if TYPE_CHECKING:
     from containerfs.core.subsystem import Subsystem
@@ -75,7 +76,7 @@ class Listener:
 
     def tasks_moved(self, dst: Container, tasks: Sequence[Task]) -> None: ...
 
-    def subsystem_changed(self, subsys: Subsystem) -> None: ...
+    def subsystem_changed(self, subsys: Subsystem, key: str | None) -> None: ...
 
     def task_added(self, task: Task) -> None: ...
 
@@ -84,6 +85,17 @@ class Listener:
 
 #: how many untracked generations above a task adopt() learns before it
 MAX_ADOPT_DEPTH = 64
+
+
+def _home(subsys: Subsystem, c: Container) -> Container:
+    """The container `subsys` sees for `c`.
+
+    A disabled subsystem (seed 000's <subsys>_enabled) gives new children no
+    state of their own; they share their parent's, which is the root's, as
+    the flag cannot change once the root has children. To that subsystem
+    their tasks are in the root, and its hooks are told so.
+    """
+    return c if c.hierarchy.enabled.get(subsys.name, True) else c.hierarchy.root
 
 
 class Registry:
@@ -382,9 +394,9 @@ class Registry:
         """Something about `h` itself changed (its views, its subsystems)."""
         self._emit("hierarchy_changed", h)
 
-    def subsystem_changed(self, subsys: Subsystem) -> None:
-        """What `subsys.saved()` returns changed; listeners persist it."""
-        self._emit("subsystem_changed", subsys)
+    def subsystem_changed(self, subsys: Subsystem, key: str | None = None) -> None:
+        """Item `key` of `subsys.saved()` changed (None: any of it); listeners persist it."""
+        self._emit("subsystem_changed", subsys, key)
 
     # -------------------------------------------------------- populated counts
 
@@ -487,9 +499,9 @@ class Registry:
             self._join(task, c)
             for subsys in h.subsystems:
                 if restored:
-                    subsys.restore(task, c)
+                    subsys.restore(task, _home(subsys, c))
                 else:
-                    subsys.fork(task, c)
+                    subsys.fork(task, _home(subsys, c))
         self._emit("task_added", task)
         return task
 
@@ -510,7 +522,7 @@ class Registry:
                 del self.threads[task.tgid]
         for hid, c in list(task.cgroups.items()):
             for subsys in self.hierarchies[hid].subsystems:
-                subsys.exit(task, c)
+                subsys.exit(task, _home(subsys, c))
             self._leave(task, c)
         task.cgroups.clear()
         self._emit("task_removed", task)
@@ -539,7 +551,7 @@ class Registry:
             return
         for hid, c in task.cgroups.items():
             for subsys in self.hierarchies[hid].subsystems:
-                subsys.exec(task, c)
+                subsys.exec(task, _home(subsys, c))
 
     def _retid(self, task: Task, tid: int) -> None:
         """The same thread under a new tid (de_thread): it never left its containers.
@@ -658,6 +670,8 @@ class Registry:
             members = [self.tasks[t] for t in sorted(self.threads.get(task.tgid, ()))]
         else:
             members = [task]
+        # a writer inside a virt-locked container moves nothing across its edge
+        virt.check_move(dst, members, caller)
         self.move(dst, members)
 
     def move(self, dst: Container, tasks: Sequence[Task]) -> None:
@@ -666,22 +680,29 @@ class Registry:
         moving = [t for t in tasks if t.cgroups.get(hid) is not dst]
         if not moving:
             return
-        subsystems = dst.hierarchy.subsystems
-        agreed: list[Subsystem] = []
-        try:
-            for subsys in subsystems:
-                subsys.can_attach(dst, moving)
-                agreed.append(subsys)
-        except BaseException:
-            for subsys in reversed(agreed):
-                subsys.cancel_attach(dst, moving)
-            raise
         sources = [t.cgroups[hid] for t in moving]
+        # what each subsystem sees: a disabled one's children are its root
+        seen: list[tuple[Subsystem, Container, list[Task], list[Container]]] = []
+        for subsys in dst.hierarchy.subsystems:
+            home = _home(subsys, dst)
+            pairs = [(t, _home(subsys, src)) for t, src in zip(moving, sources, strict=True)]
+            pairs = [(t, src) for t, src in pairs if src is not home]
+            if pairs:
+                seen.append((subsys, home, [t for t, _ in pairs], [src for _, src in pairs]))
+        agreed: list[tuple[Subsystem, Container, list[Task]]] = []
+        try:
+            for subsys, home, its_tasks, _ in seen:
+                subsys.can_attach(home, its_tasks)
+                agreed.append((subsys, home, its_tasks))
+        except BaseException:
+            for subsys, home, its_tasks in reversed(agreed):
+                subsys.cancel_attach(home, its_tasks)
+            raise
         for task, src in zip(moving, sources, strict=True):
             # join first: moving between a container and its ancestor must not
             # make the ancestor look empty for an instant
             self._join(task, dst)
             self._leave(task, src)
-        for subsys in subsystems:
-            subsys.attach(dst, moving, sources)
+        for subsys, home, its_tasks, its_sources in seen:
+            subsys.attach(home, its_tasks, its_sources)
         self._emit("tasks_moved", dst, moving)

@@ -71,14 +71,21 @@ class Subsystem:
         """The subsystem was released from `hierarchy`."""
         self.hierarchy = None
 
-    def saved(self) -> Any:
-        """Subsystem-wide state to journal (JSON-able), beyond container settings; None: none.
+    def saved(self) -> dict[str, Any] | None:
+        """Subsystem-wide state to journal, beyond container settings; None: none.
 
-        Call registry.subsystem_changed(self) whenever it changes.
+        Items keyed by strings, with JSON-able values. When one item changes,
+        call registry.subsystem_changed(self, key): the journal then keeps that
+        item alone, so persisting costs what the change costs.
         """
         return None
 
-    def restore_saved(self, data: Any) -> None:
+    def saved_item(self, key: str) -> Any:
+        """One item of saved() (None: it is gone); override where saved() is big."""
+        data = self.saved()
+        return data.get(key) if data is not None else None
+
+    def restore_saved(self, data: dict[str, Any]) -> None:
         """Take back what saved() returned, before container settings are written back."""
 
     async def run(self) -> None:

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 
-from tests.conftest import read_ids, write
+import pytest
+
+from tests.conftest import read_ids, wait_for, write
 
 
 def test_two_hierarchies_with_different_subsystems(cfs, procs):
@@ -90,3 +92,25 @@ def test_enabled_files_with_extended(cfs):
     assert (view / "numtasks_enabled").read_bytes() == b"1\n"
     plain = cfs.mount("cpuset")
     assert "cpuset_enabled" not in os.listdir(plain)  # only with extended
+
+
+@pytest.mark.parametrize("subsys", ["cpuset", "cpuacct", "numtasks", "freezer", "numfiles", "ns"])
+def test_a_disabled_subsystem_treats_children_as_its_root(cfs, procs, subsys):
+    """Seed 000: children of a disabled subsystem share the root's state; tasks
+    can move into them, fork and exit there, and the subsystem acts as for the root."""
+    view = cfs.mount(f"{subsys},extended,default_disabled")
+    os.makedirs(view / "shared" / "deeper")
+    shell = procs.spawn("sh", "-c", "read x; sleep 1000 & wait", stdin=subprocess.PIPE)
+    assert write(view / "shared" / "deeper" / "cgroup.procs", str(shell.pid).encode()) == 0
+    shell.stdin.write(b"go\n")
+    shell.stdin.flush()
+    wait_for(lambda: len(read_ids(view / "shared" / "deeper" / "cgroup.procs")) == 2)
+    child = max(read_ids(view / "shared" / "deeper" / "cgroup.procs"))
+    assert os.path.exists(f"/proc/{child}")  # not killed, not broken: the fork was fine
+    assert write(view / "shared" / "cgroup.procs", str(shell.pid).encode()) == 0
+    os.kill(child, 9)
+    shell.kill()
+    shell.wait()
+    assert cfs.daemon_alive()
+    assert read_ids(view / "shared" / "deeper" / "cgroup.procs") == []
+    os.rmdir(view / "shared" / "deeper")

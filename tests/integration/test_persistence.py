@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from containerfs import mounts
-from tests.conftest import read_ids, wait_for, write
+from tests.conftest import CLI, read_ids, wait_for, write
 
 
 def crash(cfs) -> None:
@@ -228,3 +233,28 @@ def proc_cpu_ns(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) * 10_000_000  # utime + stime, USER_HZ 100
+
+
+def test_views_come_back_as_they_were(cfs, procs):
+    """A restart binds each view again on the same subtree, read-only if it was:
+    a view a virt-locked process mounted must not come back as the whole hierarchy."""
+    view = cfs.mount("virt")
+    ro = cfs.mount("virt,ro")
+    os.makedirs(view / "box" / "inner")
+    (view / "box" / "virt.lock").write_bytes(b"1")
+    boxed = Path(tempfile.mkdtemp(prefix="boxed-", dir=cfs.rt.parent))
+    helper = procs.spawn("sh", "-c", 'read x; exec "$@"', "sh", *CLI, "--runtime-dir",
+                         str(cfs.rt), "x", str(boxed), "-o", "virt", stdin=subprocess.PIPE)
+    write(view / "box" / "cgroup.procs", str(helper.pid).encode())
+    helper.communicate(b"go\n", timeout=30)
+    assert helper.returncode == 0
+    assert "inner" in os.listdir(boxed) and "box" not in os.listdir(boxed)
+    crash(cfs)
+    cfs.start()
+    for v in (view, ro, boxed):
+        wait_for(lambda v=v: served(v), timeout=10)
+    assert "inner" in os.listdir(boxed) and "box" not in os.listdir(boxed)
+    assert "box" in os.listdir(ro)
+    with pytest.raises(OSError) as exc:
+        os.mkdir(ro / "nope")
+    assert exc.value.errno == errno.EROFS
