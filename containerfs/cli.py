@@ -22,6 +22,8 @@ from containerfs.runtime import Runtime, resolve
 from containerfs.tracking import procscan
 
 COMMANDS = ("daemon", "stop", "stats", "hierarchies", "membership", "events")
+#: the commands' options that take a separate value, which is not a positional
+VALUE_OPTIONS = ("--tracker", "--max-agents", "--agent-timeout")
 START_TIMEOUT = 15.0
 
 
@@ -77,10 +79,15 @@ def cmd_daemon(rt: Runtime, args: argparse.Namespace) -> int:
 
     max_agents = args.max_agents or DEFAULT_MAX_AGENTS
     agent_timeout = args.agent_timeout or DEFAULT_AGENT_TIMEOUT
-    agents = ["--max-agents", str(max_agents), "--agent-timeout", str(agent_timeout)]
     if not args.foreground:
+        # the background daemon is this same command with -f: it gets every option
+        options = [
+            *("--tracker", args.tracker),
+            *("--max-agents", str(max_agents), "--agent-timeout", str(agent_timeout)),
+            *(("-d",) if args.debug else ()),
+        ]
         try:
-            ensure_daemon(rt, agents)
+            ensure_daemon(rt, options)
         except RuntimeError as exc:
             return fail(str(exc))
         return 0
@@ -120,13 +127,23 @@ def cmd_stats(rt: Runtime, args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=2))
         return 0
     tracker = stats.pop("tracker")
-    print(f"daemon pid        {stats['pid']}")
-    print(f"hierarchies       {stats['hierarchies']}")
-    print(f"containers        {stats['containers']}")
-    print(f"open files        {stats['open_files']}")
-    print(f"tracker mode      {tracker.pop('mode')}")
-    for key, value in tracker.items():
-        print(f"tracker {key:<10}{value}")
+    rows = [
+        ("daemon pid", stats.pop("pid")),
+        ("hierarchies", stats.pop("hierarchies")),
+        ("containers", stats.pop("containers")),
+        ("open files", stats.pop("open_files")),
+        ("tracker mode", tracker.pop("mode")),
+        *((f"tracker {key}", value) for key, value in tracker.items()),
+    ]
+    # the other sections (release agents, events) are flat dicts too: name them by section
+    for section, values in stats.items():
+        if isinstance(values, dict):
+            rows += [(f"{section} {key}", value) for key, value in values.items()]
+        else:
+            rows.append((section, values))
+    for label, value in rows:
+        # a label longer than the column still gets its space before the value
+        print(f"{label:<17} {value}")
     return 0
 
 
@@ -217,17 +234,61 @@ def mount_helper(rt: Runtime, argv: list[str]) -> int:
 # -------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def take_runtime_dir(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Remove `--runtime-dir DIR` (or `=DIR`) from anywhere in argv; return (DIR, the rest).
+
+    It is taken out before anything else so that it may come before or after a
+    command, and so that its value is never mistaken for the helper's SOURCE
+    or MOUNTPOINT. A trailing `--runtime-dir` with no value is left for the
+    parser to refuse.
+    """
     runtime_dir = None
-    if len(argv) >= 2 and argv[0] == "--runtime-dir":
-        runtime_dir = argv[1]
-        argv = argv[2:]
-    elif argv and argv[0].startswith("--runtime-dir="):
-        runtime_dir = argv[0].split("=", 1)[1]
-        argv = argv[1:]
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--runtime-dir" and i + 1 < len(argv):
+            runtime_dir = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--runtime-dir="):
+            runtime_dir = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return runtime_dir, rest
+
+
+def helper_shaped(argv: list[str]) -> bool:
+    """Whether argv reads as the mount helper's `SOURCE MOUNTPOINT -o OPTIONS`.
+
+    mount(8) passes SOURCE verbatim, and it is free text that may be a
+    command's name (`mount -t fuse.containerfs events /mnt/x`). So two
+    positionals with -o, or two whose second is a directory, are a mount
+    whatever the first one says.
+    """
+    positionals: list[str] = []
+    has_options = False
+    args = iter(argv)
+    for arg in args:
+        if arg == "-o":
+            has_options = True
+            next(args, None)  # the options themselves, not a positional
+        elif arg in VALUE_OPTIONS:
+            next(args, None)
+        elif arg.startswith("-o"):
+            has_options = True
+        elif not arg.startswith("-"):
+            positionals.append(arg)
+    return len(positionals) == 2 and (has_options or os.path.isdir(positionals[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    runtime_dir, argv = take_runtime_dir(list(sys.argv[1:] if argv is None else argv))
     rt = resolve(runtime_dir)
-    if (not argv or argv[0] not in (*COMMANDS, "-h", "--help")) and len(argv) >= 2:
+    if helper_shaped(argv) or (
+        argv and argv[0] not in (*COMMANDS, "-h", "--help") and len(argv) >= 2
+    ):
         return mount_helper(rt, argv)
 
     parser = argparse.ArgumentParser(
@@ -235,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Generic process containers (cgroup v1) in userspace. "
         "Mount with: containerfs SOURCE MOUNTPOINT -o OPTIONS",
     )
-    parser.add_argument("--runtime-dir", help="the daemon's runtime directory")
+    parser.add_argument(
+        "--runtime-dir", help="the daemon's runtime directory (before or after the command)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("daemon", help="run the daemon")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")

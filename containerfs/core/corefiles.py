@@ -57,9 +57,10 @@ def _read_release_agent(c: Container) -> str:
 
 
 def _write_release_agent(c: Container, data: bytes, caller: Caller) -> None:
-    # CVE-2022-0492: only a privileged opener may choose what runs as root.
-    if not caller.is_root:
-        raise CgroupError(errno.EPERM, "only root may set the release agent")
+    # CVE-2022-0492: only an opener with CAP_SYS_ADMIN may choose what runs as root;
+    # euid 0 without it (a container's root, capsh --drop) is not enough (spec 4.5).
+    if not caller.privileged:
+        raise CgroupError(errno.EPERM, "only CAP_SYS_ADMIN may set the release agent")
     c.hierarchy.release_agent = os.fsdecode(strip(c_string(data)))
 
 
@@ -74,6 +75,7 @@ CORE_FILES: tuple[ControlFile, ...] = (
         _write_release_agent,
         placement=Placement.ROOT_ONLY,
         max_write=4095,
+        needs_caps=True,
     ),
     ControlFile("cgroup.sane_behavior", lambda c: "0\n", placement=Placement.ROOT_ONLY),
 )

@@ -40,10 +40,18 @@ class Caller:
     uid: int
     gid: int
     tid: int
+    #: CAP_SYS_ADMIN in the daemon's user namespace, learned at open only for files with
+    #: `needs_caps`; None when not learned (the daemon's own writes, as at a restore)
+    sys_admin: bool | None = None
 
     @property
     def is_root(self) -> bool:
         return self.uid == 0
+
+    @property
+    def privileged(self) -> bool:
+        """CAP_SYS_ADMIN where it was learned; otherwise euid 0 stands for it."""
+        return self.is_root if self.sys_admin is None else self.sys_admin
 
 
 Reader = Callable[["Container"], str]
@@ -70,6 +78,9 @@ class ControlFile:
     persist: bool = True
     #: what the journal keeps when a read shows a transient state (FREEZING) instead
     save: Reader | None = None
+    #: the writer checks the opener's capabilities (Caller.sys_admin): reading them from
+    #: /proc costs a file read, so only the files that need them pay it at open
+    needs_caps: bool = False
 
     @property
     def mode(self) -> int:

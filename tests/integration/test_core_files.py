@@ -77,10 +77,11 @@ def test_root_lists_every_task_sorted(view):
 
 def test_shell_session_from_the_issue(view):
     """mkdir, echo $$ > tasks, and a child of the shell listed too; rmdir EBUSY until they leave."""
+    # the child prints its pid, then becomes cat: the listing must be exactly the two
     script = f"""
         mkdir {view}/a
         echo $$ > {view}/a/tasks
-        sh -c 'cat {view}/a/tasks' > {view.parent}/listing
+        sh -c 'echo $$; exec cat {view}/a/tasks' > {view.parent}/listing
         rmdir {view}/a 2> {view.parent}/rmdir.err && echo removed
         echo $$ > {view}/tasks
         rmdir {view}/a && echo removed-after
@@ -88,8 +89,8 @@ def test_shell_session_from_the_issue(view):
     """
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
     shell_pid = int(out.split()[-1])
-    listing = [int(x) for x in (view.parent / "listing").read_text().split()]
-    assert shell_pid in listing and len(listing) >= 2  # the shell and what it forked
+    child_pid, *listing = [int(x) for x in (view.parent / "listing").read_text().split()]
+    assert listing == sorted([shell_pid, child_pid])
     assert "Device or resource busy" in (view.parent / "rmdir.err").read_text()
     assert "removed-after" in out and "removed\n" not in out
 
@@ -152,9 +153,27 @@ def test_tasks_moves_one_thread_procs_moves_all(view, procs):
 
 
 def test_zero_is_the_opener(view):
+    """`0` in tasks is the opening thread, not its process: written from a second thread."""
     os.mkdir(view / "a")
-    assert write(view / "a" / "tasks", b"0") == 0
-    assert read_ids(view / "a" / "tasks") == [threading.get_native_id()]
+    results: list[tuple[int, int]] = []
+    written, done = threading.Event(), threading.Event()
+
+    def second() -> None:
+        results.append((threading.get_native_id(), write(view / "a" / "tasks", b"0")))
+        written.set()
+        done.wait()  # stay alive (and listed) until the main thread has looked
+
+    t = threading.Thread(target=second)
+    t.start()
+    try:
+        written.wait()
+        (tid, code) = results[0]
+        assert tid != os.getpid() and code == 0
+        assert read_ids(view / "a" / "tasks") == [tid]  # the thread, and only it
+        assert os.getpid() in read_ids(view / "tasks")  # the main thread stayed
+    finally:
+        done.set()
+        t.join()
     assert write(view / "a" / "cgroup.procs", b"0\n") == 0
     assert os.getpid() in read_ids(view / "a" / "cgroup.procs")
     write(view / "cgroup.procs", b"0")
@@ -261,6 +280,7 @@ def test_release_agent_file(view):
     assert write(agent, b"  /sbin/agent with space \n") == 0
     assert agent.read_bytes() == b"/sbin/agent with space\n"
     assert write(agent, b"/x" * 2048) == errno.E2BIG  # 4096 > 4095
+    assert agent.read_bytes() == b"/sbin/agent with space\n"  # and nothing was applied
     assert write(agent, b"/" + b"x" * 4094) == 0
     assert agent.read_bytes() == b"/" + b"x" * 4094 + b"\n"
     assert write(agent, b"\n") == 0
@@ -279,6 +299,8 @@ def test_namespace_operations_refused(view):
     assert err(os.symlink, "x", view / "link") == errno.EPERM
     assert err(os.link, view / "tasks", view / "a" / "hard") == errno.EPERM
     assert err(os.mkfifo, view / "fifo") == errno.EPERM
+    assert err(os.mknod, view / "chr", stat.S_IFCHR | 0o600, os.makedev(1, 3)) == errno.EPERM
+    assert err(os.mknod, view / "blk", stat.S_IFBLK | 0o600, os.makedev(7, 0)) == errno.EPERM
     assert err(os.mknod, view / "reg", stat.S_IFREG | 0o644) == errno.EACCES
     assert err(os.mkdir, view / "tasks") == errno.EEXIST
     assert err(os.mkdir, view / "a") == errno.EEXIST
@@ -288,6 +310,79 @@ def test_namespace_operations_refused(view):
     os.mkdir(view / ("n" * 255))
     os.mkdir(view / "sp ace.dots")
     assert {"a", "n" * 255, "sp ace.dots"} <= set(os.listdir(view))
+
+
+def test_long_names_are_limited_by_the_vfs_only(view):
+    """kernfs has no name limit of its own (spec 0): only the VFS's PATH_MAX applies.
+
+    A name is copied in with the path, so 4095 bytes is the most any
+    filesystem can get and 4096 is ENAMETOOLONG before cgroupfs (or FUSE)
+    sees it. Older kernels' FUSE layer refuses names over 1024 bytes
+    (FUSE_NAME_MAX) by itself; containerfs never answers ENAMETOOLONG.
+    """
+    fd = os.open(view, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if err(lambda n: os.mkdir(n, dir_fd=fd), "n" * 1025) == errno.ENAMETOOLONG:
+            pytest.skip("this kernel's FUSE refuses names over 1024 bytes (FUSE_NAME_MAX)")
+        os.rmdir("n" * 1025, dir_fd=fd)
+        for size in (1025, 4000, 4095):
+            name = "n" * size
+            os.mkdir(name, dir_fd=fd)
+            assert name in os.listdir(view)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            try:
+                assert set(os.listdir(child)) == CHILD_FILES
+            finally:
+                os.close(child)
+            os.rmdir(name, dir_fd=fd)
+        for size in (4096, 5000):
+            assert err(lambda n: os.mkdir(n, dir_fd=fd), "n" * size) == errno.ENAMETOOLONG
+    finally:
+        os.close(fd)
+    assert set(os.listdir(view)) == ROOT_FILES
+
+
+def test_rmdir_rules(view):
+    assert err(os.rmdir, view) == errno.EBUSY  # the mount root (a mount point, spec 5.2)
+    os.makedirs(view / "p" / "c")
+    assert err(os.rmdir, view / "p") == errno.EBUSY  # it has a child
+    os.rmdir(view / "p" / "c")
+    os.rmdir(view / "p")
+    assert set(os.listdir(view)) == ROOT_FILES
+
+
+@pytest.mark.parametrize(("flag", "name"), [(1, "NOREPLACE"), (2, "EXCHANGE"), (4, "WHITEOUT")])
+def test_renameat2_with_flags_is_einval(view, flag, name):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        pytest.skip("the C library has no renameat2")
+    os.mkdir(view / "a")
+    os.mkdir(view / "b")
+    # EXCHANGE needs an existing target and NOREPLACE a missing one, or the VFS answers first
+    target = view / ("b" if name == "EXCHANGE" else "new")
+    at_fdcwd = -100
+    rc = libc.renameat2(at_fdcwd, os.fsencode(view / "a"), at_fdcwd, os.fsencode(target), flag)
+    assert (rc, ctypes.get_errno()) == (-1, errno.EINVAL)
+    assert set(os.listdir(view)) == ROOT_FILES | {"a", "b"}
+
+
+def test_a_zombie_is_found_but_nothing_moves(view, procs):
+    """Writing a zombie's id succeeds and moves nothing (spec 4.2 step 3)."""
+    zombie = procs.spawn("true")  # not waited for until teardown: a zombie meanwhile
+
+    def state() -> str:
+        with open(f"/proc/{zombie.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+    wait_for(lambda: state() == "Z")
+    os.mkdir(view / "a")
+    assert write(view / "a" / "tasks", str(zombie.pid).encode()) == 0
+    assert write(view / "a" / "cgroup.procs", str(zombie.pid).encode()) == 0
+    assert (view / "a" / "tasks").read_bytes() == b""
+    assert (view / "a" / "cgroup.procs").read_bytes() == b""
+    os.rmdir(view / "a")  # nothing keeps it busy
 
 
 def test_rename_rules(view):
@@ -319,6 +414,20 @@ def test_removed_container_gives_enodev_through_open_files(view):
         os.close(fd)
     os.mkdir(view / "a")  # the name is reusable at once
     assert (view / "a" / "tasks").read_bytes() == b""
+
+
+def test_removed_container_refuses_a_move_through_an_open_tasks(view, procs):
+    sleeper = procs.sleeper()
+    os.mkdir(view / "a")
+    fd = os.open(view / "a" / "tasks", os.O_WRONLY)
+    try:
+        os.rmdir(view / "a")
+        with pytest.raises(OSError) as exc:
+            os.write(fd, str(sleeper.pid).encode())
+        assert exc.value.errno == errno.ENODEV
+    finally:
+        os.close(fd)
+    assert sleeper.pid in read_ids(view / "tasks")  # it stayed where it was
 
 
 def test_truncate_and_append_are_accepted(view):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -134,3 +136,61 @@ def test_one_daemon_per_runtime_dir(cfs):
     proc = cfs.cli("daemon", "-f", check=False)
     assert proc.returncode != 0 and "already serves" in proc.stderr
     assert cfs.daemon_alive()
+
+
+def test_background_daemon_keeps_its_options(workdir):
+    """`containerfs daemon` without -f starts `daemon -f` with every option it was given.
+
+    Also: `--runtime-dir` may follow the command, and every `stats` line has
+    its value apart from its label, however long the label.
+    """
+    from tests.conftest import CLI, fuse_available
+
+    if fuse_available():
+        pytest.skip(fuse_available())
+    rt = workdir / "bg-rt"
+    # a runtime dir the commands must NOT use, should --runtime-dir be ignored
+    env = {**os.environ, "CONTAINERFS_RUNTIME_DIR": str(workdir / "elsewhere")}
+    try:
+        subprocess.run([*CLI, "--runtime-dir", str(rt), "daemon", "--tracker", "scan", "-d"],
+                       check=True, env=env, timeout=60)
+        out = subprocess.run([*CLI, "stats", "--json", "--runtime-dir", str(rt)], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        stats = json.loads(out.stdout)
+        assert stats["tracker"]["mode"] == "scan"
+        with open(f"/proc/{stats['pid']}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert b"-d" in argv
+        text = subprocess.run([*CLI, f"--runtime-dir={rt}", "stats"], env=env,
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+        assert re.search(r"^tracker mode +scan$", text, re.M)
+        for key, value in stats["tracker"].items():
+            if key != "mode":
+                assert re.search(rf"^tracker {key} +\d+$", text, re.M), (key, value, text)
+    finally:
+        subprocess.run([*CLI, "stop", "--runtime-dir", str(rt)], env=env, capture_output=True,
+                       timeout=60)
+    assert not (workdir / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("source", ["events", "stats", "daemon"])
+def test_a_source_named_like_a_command_still_mounts(cfs, workdir, source):
+    """mount(8) passes SOURCE verbatim: `events DIR -o OPTIONS` is a mount, not `events`."""
+    target = workdir / "m8"
+    target.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "fuse.containerfs", "-o", "none,name=q", source, str(target)],
+        capture_output=True, text=True, env=cfs.env, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(target) in fuse_views(workdir)
+    direct = workdir / "direct"
+    direct.mkdir()
+    cfs.cli(source, str(direct), "-o", "none,name=q")
+    os.mkdir(target / "x")
+    assert os.path.isdir(direct / "x")
+    os.rmdir(target / "x")
+    assert "tracker mode" in cfs.cli("stats").stdout  # and the commands are still commands
+    for view in (target, direct):
+        subprocess.run(["umount", str(view)], check=True)

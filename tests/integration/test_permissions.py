@@ -113,6 +113,40 @@ def test_release_agent_is_root_only(view, user):
     assert agent.read_bytes() == b"\n"
 
 
+def test_release_agent_needs_cap_sys_admin_not_uid_0(view):
+    """Spec 4.5: root without CAP_SYS_ADMIN gets EPERM, as in the kernel since CVE-2022-0492."""
+    agent = view / "release_agent"
+    code = f"""
+import os
+try:
+    fd = os.open({str(agent)!r}, os.O_WRONLY)
+    os.write(fd, b"/tmp/evil")
+    print(0)
+except OSError as e:
+    print(e.errno)
+"""
+    # setpriv (util-linux) drops the capability from the bounding set, so the
+    # root python it executes has every capability but CAP_SYS_ADMIN
+    dropped = subprocess.run(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-sys_admin", "--", "python3", "-c", code],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert dropped.returncode == 0, dropped.stderr
+    assert int(dropped.stdout) == errno.EPERM
+    assert agent.read_bytes() == b"\n"
+    # the root of a user namespace of its own has every capability, over that namespace only
+    userns = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--", "python3", "-c", code],
+        capture_output=True, text=True, timeout=30,
+    )
+    if userns.returncode == 0:  # else user namespaces are not allowed here
+        assert int(userns.stdout) == errno.EPERM
+        assert agent.read_bytes() == b"\n"
+    # the same root process with its capabilities may
+    full = subprocess.run(["python3", "-c", code], capture_output=True, text=True, timeout=30)
+    assert int(full.stdout) == 0 and agent.read_bytes() == b"/tmp/evil\n"
+
+
 def test_control_socket_checks_the_peer(cfs, view, user):
     for path in (cfs.rt.parent, cfs.rt):
         os.chmod(path, 0o755)
