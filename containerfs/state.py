@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 ROOT = Caller(0, 0, 0)
 MIN_COMPACT = 10_000
+#: Tests only: compact after this many records, so a crash loop kills compactions too.
+COMPACT_ENV = "CONTAINERFS_COMPACT_EVERY"
 
 # ---------------------------------------------------------------- records
 
@@ -305,6 +307,8 @@ class Journal(Listener):
         self.records = 0
         self.fd = -1
         self.writes = 0
+        every = os.environ.get(COMPACT_ENV)
+        self.compact_every = int(every) if every else None
 
     # -------------------------------------------------------------- writing
 
@@ -312,7 +316,7 @@ class Journal(Listener):
         os.write(self.fd, json.dumps(rec, separators=(",", ":")).encode() + b"\n")
         self.records += 1
         self.writes += 1
-        if self.records > max(MIN_COMPACT, 2 * self._size()):
+        if self.records > (self.compact_every or max(MIN_COMPACT, 2 * self._size())):
             self.compact()
 
     def _size(self) -> int:

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from containerfs import mounts
 from tests.conftest import CLI, read_ids, wait_for, write
 
 
@@ -65,70 +62,6 @@ def test_restart_restores_everything(cfs, procs):
     assert parent.pid in in_a and len(in_a) == 2  # the child forked while down, by ancestry
     rows = cfs.cli("membership", str(moved.pid)).stdout.splitlines()
     assert rows == ["2:name=other:/x", "1:name=keep:/a/c"]
-
-
-def test_crash_loop_loses_nothing(cfs, procs):
-    """Kill the daemon in the middle of a workload many times; every completed change stays."""
-    view = cfs.mount("none,name=loop")
-    sleepers = [procs.sleeper() for _ in range(4)]
-    done: dict[str, object] = {}  # what the workload saw succeed: name -> expected state
-    inflight: dict[int, str] = {}  # a move the daemon may have applied as it died
-    rng = random.Random(7)
-
-    def workload(stop: threading.Event) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            name = f"c{n}"
-            try:
-                os.mkdir(view / name)
-                done[name] = set()
-                (view / name / "notify_on_release").write_bytes(b"1")
-                done[name] = {"notify"}
-                pid = rng.choice(sleepers).pid
-                inflight.clear()
-                inflight[pid] = name
-                fd = os.open(view / name / "tasks", os.O_WRONLY)
-                try:
-                    os.write(fd, str(pid).encode())
-                finally:
-                    os.close(fd)
-                inflight.clear()
-                for other in done.values():  # the pid left wherever it was
-                    if isinstance(other, set):
-                        other.discard(("pid", pid))
-                done[name] = {"notify", ("pid", pid)}
-            except OSError:
-                return  # the daemon died under us
-
-    for _round in range(8):
-        stop = threading.Event()
-        worker = threading.Thread(target=workload, args=(stop,))
-        worker.start()
-        time.sleep(rng.uniform(0.05, 0.3))
-        crash(cfs)
-        stop.set()
-        worker.join()
-        cfs.start()
-        wait_for(lambda: served(view), timeout=10)
-        assert [m for m in mounts.read_mounts() if m.mount_point == str(view)][-1:] and len(
-            [m for m in mounts.read_mounts() if m.mount_point == str(view)]
-        ) == 1  # no stacking
-        for name, expect in list(done.items()):
-            path = view / name
-            assert path.is_dir(), name
-            if "notify" in expect:
-                assert (path / "notify_on_release").read_bytes() == b"1\n", name
-            for pid in {e[1] for e in expect if isinstance(e, tuple)}:
-                where = {name} | ({inflight[pid]} if pid in inflight else set())
-                assert any(pid in read_ids(view / w / "tasks") for w in where), (name, pid)
-        for pid, name in inflight.items():  # the move in flight landed: expect it from now on
-            if (view / name).is_dir() and pid in read_ids(view / name / "tasks"):
-                for other in done.values():
-                    if isinstance(other, set):
-                        other.discard(("pid", pid))
-                done.setdefault(name, set()).add(("pid", pid))
-    assert len(done) >= 8
 
 
 def proc_state(pid: int) -> str:
