@@ -160,4 +160,10 @@ def parse_options(items: Iterable[str], available: Iterable[str]) -> MountOption
         )
     if opts.none and named:
         raise CgroupError(errno.EINVAL, "'none' cannot be combined with subsystem names")
+    if opts.default_disabled and not opts.extended:
+        raise CgroupError(
+            errno.EINVAL,
+            "default_disabled needs extended: the <subsystem>_enabled files that turn "
+            "subsystems back on exist only with it",
+        )
     return opts

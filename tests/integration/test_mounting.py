@@ -50,6 +50,7 @@ def test_mount_with_mount8_and_generic_options(cfs, workdir):
         ("noprefix,none,name=a", ""),  # no subsystems: allowed, like the kernel
         ("name=missing", "no hierarchy name=missing"),
         ("key=value,none,name=a", "'key=value'"),
+        ("numtasks,default_disabled", "default_disabled needs extended"),
     ],
 )
 def test_bad_options_fail_with_a_message(cfs, workdir, options, message):
