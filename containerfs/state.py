@@ -146,7 +146,7 @@ class SavedState:
         elif op == "s":
             self.subsystems[rec["name"]] = rec["data"]
         elif op == "si":
-            items = self.subsystems.setdefault(rec["name"], {})
+            items = self.subsystems[rec["name"]] = self.subsystems.get(rec["name"]) or {}
             if rec["value"] is None:
                 items.pop(rec["key"], None)
             else:

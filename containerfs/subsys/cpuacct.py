@@ -3,8 +3,10 @@
 The kernel charges every scheduler tick of runtime to the task's group and
 its ancestors. Userspace cannot hook the scheduler, so this samples each
 member thread's own counters instead: sum_exec_runtime from
-/proc/TID/schedstat (ns, the very counter the kernel's cpuacct.usage adds
-up), and the user/system split and last CPU from /proc/TID/stat. A task's
+/proc/TGID/task/TID/schedstat (ns, the very counter the kernel's
+cpuacct.usage adds up), and the user/system split and last CPU from
+/proc/TGID/task/TID/stat (the thread's own; /proc/TID/stat sums its whole
+process). A task's
 time counts from a baseline taken when it joins (zero for a fresh fork, whose
 counters start at zero) to the delta taken when it leaves or exits, so usage
 survives exits and moves. Deltas are charged to the container and all its
@@ -17,6 +19,13 @@ netlink family; exact when kernel.task_delayacct=1, else the kernel's
 tick-sampled utime+stime), or from the last sample (short by at most one
 sampling period of its CPU time). The root counts everything on the machine,
 from /proc/stat. The man page states these bounds.
+
+The counters survive a crash of the daemon: each container's are journaled
+as one item keyed by hierarchy and path, at most once per PERSIST_PERIOD and
+only for the containers charged since, so the cost follows the containers in
+use; a restart takes them back and restored tasks count from a fresh
+baseline. What was charged after the last record, and what ran while no
+daemon watched, is lost, never counted twice.
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ BATCH = 512
 #: even before the fork event of a short-lived task has been applied
 FINAL_TTL = 5.0
 NSEC_PER_TICK = 1_000_000_000 // sysinfo.USER_HZ
+#: the accumulated usage is journaled at most this often: a crash loses what ran since
+PERSIST_PERIOD = 1.0
 
 
 # ------------------------------------------------------------------ samples
@@ -74,10 +85,15 @@ class Sample:
     start_time: int | None
 
 
-def read_sample(tid: int) -> Sample | None:
-    """A thread's counters, or None if it is gone (a zombie still reads)."""
+def read_sample(task: Task) -> Sample | None:
+    """A thread's counters, or None if it is gone (a zombie still reads).
+
+    They come from /proc/TGID/task/TID: /proc/TID/stat is the whole thread
+    group's utime and stime (summed over its threads, dead ones included),
+    which would give a thread its process's user/system split.
+    """
     try:
-        dir_fd = os.open(f"/proc/{tid}", os.O_RDONLY | os.O_DIRECTORY)
+        dir_fd = os.open(f"/proc/{task.tgid}/task/{task.tid}", os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return None
     try:
@@ -339,6 +355,33 @@ def _root_usage() -> Usage:
     return usage
 
 
+def saved_key(c: Container) -> str:
+    """A container's key in the journal: its hierarchy and path ("3:/a/b")."""
+    return f"{c.hierarchy.id}:{c.path}"
+
+
+def find_saved(h: Hierarchy | None, key: str) -> Container | None:
+    """The container of `h` a saved_key() names, if it still exists."""
+    hid, _, path = key.partition(":")
+    if h is None or hid != str(h.id):
+        return None
+    c = h.root
+    for part in [p for p in path.split("/") if p]:
+        c = c.children.get(part)
+        if c is None:
+            return None
+    return c
+
+
+def _saved_usage(c: Container) -> list[list[int]] | None:
+    """[user, system] per CPU to journal for `c`; None for the root, a child sharing its
+    parent's counters (subsystem disabled there), or one at zero."""
+    if c.is_root or c.state[NAME] is c.parent.state[NAME]:
+        return None
+    u: Usage = c.state[NAME]
+    return [u.user, u.system] if any(u.total) else None
+
+
 def _subsys(c: Container) -> Cpuacct:
     subsys = c.hierarchy.registry.subsystems[NAME]
     assert isinstance(subsys, Cpuacct)
@@ -386,8 +429,12 @@ def _write_usage(c: Container, data: bytes, caller: Caller) -> None:
         raise CgroupError(errno.EINVAL, "cpuacct.usage can only be reset, by writing 0")
     if c.is_root:
         return  # the kernel does not reset the global counters either
-    _subsys(c).catch_up(c)
+    subsys = _subsys(c)
+    subsys.catch_up(c)
     c.state[NAME].reset()
+    subsys.changed.discard(c)
+    # a reset is a command: a crash must not bring the old counts back
+    c.hierarchy.registry.subsystem_changed(subsys, saved_key(c))
 
 
 _FILES = (
@@ -420,6 +467,10 @@ class Cpuacct(Subsystem):
         self.finals: dict[int, Final] = {}
         self._finals_old: dict[int, Final] = {}
         self.counters = {"samples": 0, "exit_zombie": 0, "exit_taskstats": 0, "exit_last": 0}
+        #: containers charged since their usage was last journaled
+        self.changed: set[Container] = set()
+        #: usage journaled before a restart, by saved_key, until its container is back
+        self._restoring: dict[str, list[list[int]]] = {}
 
     # ---------------------------------------------------------------- charge
 
@@ -441,6 +492,7 @@ class Cpuacct(Subsystem):
                 u.total[cpu] += delta_ns
                 u.user[cpu] += user_ns
                 u.system[cpu] += delta_ns - user_ns
+                self.changed.add(node)
 
     def _charge_delta(self, c: Container, old: Sample, new: Sample) -> bool:
         """Charge what ran between two samples of one task; False if `new` is not that task."""
@@ -469,7 +521,7 @@ class Cpuacct(Subsystem):
         if len(members) > INLINE_MAX:
             return  # the sampler's last pass stands (at most SAMPLE_PERIOD old)
         for task in members:
-            sample = read_sample(task.tid)
+            sample = read_sample(task)
             home = self._container(task)
             if sample is not None and home is not None:
                 self._advance(task, home, sample)
@@ -477,7 +529,20 @@ class Cpuacct(Subsystem):
     # ----------------------------------------------------------------- hooks
 
     def create(self, container: Container) -> Usage:
-        return Usage()
+        usage = Usage()
+        saved = self._restoring.pop(saved_key(container), None)
+        if saved is not None:
+            n = len(usage.total)
+            usage.user = (saved[0] + [0] * n)[:n]
+            usage.system = (saved[1] + [0] * n)[:n]
+            usage.total = [u + s for u, s in zip(usage.user, usage.system, strict=True)]
+        return usage
+
+    def destroy(self, container: Container) -> None:
+        """Its journaled usage goes too: a container made later at its path starts at 0."""
+        container.state[NAME].reset()
+        self.changed.discard(container)
+        self.registry.subsystem_changed(self, saved_key(container))
 
     def fork(self, task: Task, container: Container) -> None:
         if not container.is_root:
@@ -487,13 +552,13 @@ class Cpuacct(Subsystem):
     def restore(self, task: Task, container: Container) -> None:
         """Back after a restart: only what it runs from now on is charged here."""
         if not container.is_root:
-            sample = read_sample(task.tid)
+            sample = read_sample(task)
             if sample is not None:
                 self._track(task, sample)
 
     def attach(self, dst: Container, tasks: Sequence[Task], sources: Sequence[Container]) -> None:
         for task, src in zip(tasks, sources, strict=True):
-            sample = read_sample(task.tid)
+            sample = read_sample(task)
             if sample is None:
                 continue  # exiting: its exit event settles it
             self._advance(task, src, sample)
@@ -509,7 +574,7 @@ class Cpuacct(Subsystem):
         self._drain_taskstats()
         record = self.finals.pop(task.tid, None) or self._finals_old.pop(task.tid, None)
         self._untrack(task)
-        final = read_sample(task.tid)
+        final = read_sample(task)
         if final is not None and self._charge_delta(container, last, final):
             self.counters["exit_zombie"] += 1
         elif record is not None:
@@ -526,6 +591,42 @@ class Cpuacct(Subsystem):
         self.tracked.clear()
         self.finals.clear()
         self._finals_old.clear()
+        self.changed.clear()
+        self.registry.subsystem_changed(self)  # nothing left to keep
+
+    # ------------------------------------------------------------ persistence
+
+    def saved(self) -> dict[str, list[list[int]]]:
+        """Every container's accumulated [user, system] ns per CPU, by saved_key().
+
+        Containers at zero are left out; usage_* and stat derive from these
+        two (total = user + system on every CPU). The root is not kept: it
+        reads the machine's counters.
+        """
+        h = self.hierarchy
+        if h is None:
+            return {}
+        items = {}
+        for c in h.root.walk():
+            value = _saved_usage(c)
+            if value is not None:
+                items[saved_key(c)] = value
+        return items
+
+    def saved_item(self, key: str) -> list[list[int]] | None:
+        c = find_saved(self.hierarchy, key)
+        return _saved_usage(c) if c is not None else None
+
+    def restore_saved(self, data: dict) -> None:
+        """Keep the usage until the containers are made again (create() takes it)."""
+        self._restoring = dict(data)
+
+    def persist(self) -> None:
+        """Journal the usage of every container charged since the last time, and only those."""
+        changed, self.changed = self.changed, set()
+        for c in changed:
+            if not c.removed and c.hierarchy is self.hierarchy:
+                self.registry.subsystem_changed(self, saved_key(c))
 
     # ------------------------------------------------------------ background
 
@@ -551,7 +652,7 @@ class Cpuacct(Subsystem):
         tasks = list(self.tracked)
         for i in range(0, len(tasks), BATCH):
             batch = tasks[i : i + BATCH]
-            samples = await trio.to_thread.run_sync(lambda b=batch: [read_sample(t.tid) for t in b])
+            samples = await trio.to_thread.run_sync(lambda b=batch: [read_sample(t) for t in b])
             for task, sample in zip(batch, samples, strict=True):
                 home = self._container(task)
                 if sample is not None and home is not None and not home.is_root:
@@ -559,8 +660,12 @@ class Cpuacct(Subsystem):
             self.counters["samples"] += len(batch)
 
     async def run(self) -> None:
-        """Sample every tracked thread each period, and drain the taskstats socket."""
+        """Sample every tracked thread each period, drain the taskstats socket, and
+        journal the usage at a bounded rate."""
+        # the restore is over: a container not made again by now is gone with its usage
+        self._restoring.clear()
         expire_at = trio.current_time() + FINAL_TTL
+        persist_at = trio.current_time() + PERSIST_PERIOD
         try:
             while True:
                 await trio.sleep(SAMPLE_PERIOD)
@@ -576,6 +681,10 @@ class Cpuacct(Subsystem):
                     self._expire_finals()
                     expire_at = trio.current_time() + FINAL_TTL
                 await self._sample_all()
+                if trio.current_time() >= persist_at:
+                    self.persist()
+                    persist_at = trio.current_time() + PERSIST_PERIOD
         finally:
             if self.taskstats is not None:
                 self.taskstats.close()
+            self.persist()  # a clean stop: the journal is still open

@@ -6,7 +6,10 @@ forks and new threads inherit it from the kernel. As modern kernels do, a
 task keeps the part of its own requested affinity that lies inside the
 cpuset (all of the cpuset when that part is empty). A task may widen its own
 affinity again, which a kernel cpuset would forbid; a periodic audit clips it
-back, so the window is one audit period. Memory placement cannot be set for
+back, each pass starting AUDIT_PERIOD after the last one ended, so the window
+is AUDIT_PERIOD plus the time of one pass. Large moves and changes are
+applied by the same loop, and a task moved back to the root gets its own
+request (or every CPU) back there too. Memory placement cannot be set for
 another process from userspace: mems and the memory flags are validated and
 stored with the kernel's rules and have no effect, as the man page says.
 """
@@ -18,6 +21,7 @@ import errno
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -38,14 +42,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME = "cpuset"
-#: how often a task that widened its own affinity is clipped back (the drift window)
+#: the pause between audit passes: the drift window is this plus one pass
 AUDIT_PERIOD = 0.5
 #: moves and changes of up to this many threads set affinity before the write returns
 INLINE_MAX = 256
 #: tasks checked per worker-thread batch in the audit
 BATCH = 1024
-#: sched_domain_level_max when /sys/kernel/debug cannot tell (x86: SMT, CLS, MC, PKG)
-DEFAULT_DOMAIN_LEVEL_MAX = 4
+_CPU = "/sys/devices/system/cpu"
+_NODE = "/sys/devices/system/node"
+#: per-domain files, with a `level` file since 6.9, when booted with sched_verbose
+_DEBUGFS_DOMAINS = "/sys/kernel/debug/sched/domains"
 
 
 @dataclasses.dataclass(slots=True)
@@ -134,7 +140,7 @@ def _list_file(attr: str, nbits: int, top: frozenset[int], max_write: int) -> Co
         _validate(c, trial)
         c.state[NAME] = trial
         if attr == "cpus":
-            _subsys(c).cpus_changed(c)
+            _subsys(c).cpus_changed(c, current.cpus)
 
     return ControlFile(attr, read, write, max_write=max_write)
 
@@ -166,6 +172,7 @@ def _read_relax(c: Container) -> str:
 
 
 def _write_relax(c: Container, data: bytes, caller: Caller) -> None:
+    """update_relax_domain_level(): -1 to sched_domain_level_max + 1, else EINVAL."""
     value = kstrtoll(data)
     if not -1 <= value <= _domain_level_max() + 1:
         raise CgroupError(errno.EINVAL, f"relax domain level {value} out of range")
@@ -173,13 +180,150 @@ def _write_relax(c: Container, data: bytes, caller: Caller) -> None:
 
 
 def _domain_level_max() -> int:
-    """sched_domain_level_max: the deepest scheduler domain level, from debugfs if mounted."""
+    """The kernel's sched_domain_level_max, as well as userspace can know it.
+
+    It is the level of the highest scheduler domain the kernel built (levels
+    count from 0, degenerate ones included). Kernels since 6.9 show each
+    domain's level in debugfs (with sched_verbose); otherwise the build is
+    redone here from the topology in sysfs, as build_sched_domains() does it.
+    """
+    shown = _debugfs_level_max()
+    if shown is not None:
+        return shown
+    domain_cpus = sysinfo.online_cpus() - _read_cpus(f"{_CPU}/isolated")
+    return built_level_max(domain_cpus, _topology_levels(domain_cpus))
+
+
+def built_level_max(cpu_map: frozenset[int], levels: Sequence[dict[int, frozenset[int]]]) -> int:
+    """sched_domain_level_max after build_sched_domains(cpu_map) over topology `levels`.
+
+    Each level maps a CPU to its mask at that level, lowest level first. For
+    every CPU the kernel builds one domain per level, each spanning the mask
+    within cpu_map (and its child's span), and stops at the first that spans
+    all of cpu_map; the domain's level is its child's plus one.
+    """
+    deepest = 0
+    for cpu in cpu_map:
+        span: frozenset[int] = frozenset()
+        level = -1
+        for masks in levels:
+            span = (masks.get(cpu, frozenset({cpu})) & cpu_map) | span
+            level += 1
+            if span == cpu_map:
+                break
+        deepest = max(deepest, level)
+    return deepest
+
+
+def _read_cpus(path: str) -> frozenset[int]:
     try:
-        names = os.listdir("/sys/kernel/debug/sched/domains/cpu0")
-    except OSError:
-        return DEFAULT_DOMAIN_LEVEL_MAX
-    levels = [int(n[6:]) for n in names if n.startswith("domain") and n[6:].isdigit()]
-    return max(levels, default=DEFAULT_DOMAIN_LEVEL_MAX)
+        with open(path, "rb") as f:
+            return parse_id_list(f.read(), sysinfo.nr_cpu_ids())
+    except (OSError, CgroupError):
+        return frozenset()
+
+
+def _debugfs_level_max() -> int | None:
+    """The highest `level` of the domains in debugfs, or None if it does not show them."""
+    levels = []
+    try:
+        for cpu in os.listdir(_DEBUGFS_DOMAINS):
+            for domain in os.listdir(f"{_DEBUGFS_DOMAINS}/{cpu}"):
+                with open(f"{_DEBUGFS_DOMAINS}/{cpu}/{domain}/level") as f:
+                    levels.append(int(f.read()))
+    except (OSError, ValueError):
+        return None
+    return max(levels, default=None)
+
+
+def _configured(option: str) -> bool:
+    """A kernel option is set, or /proc/config.gz is missing (distributions set these)."""
+    config = sysinfo._kernel_config()
+    return not config or config.get(option) == "y"
+
+
+def _mask(cpu: int, *paths: str | None) -> frozenset[int]:
+    """The first of these sysfs lists of `cpu` that reads non-empty; itself alone if none."""
+    for path in paths:
+        mask = _read_cpus(f"{_CPU}/cpu{cpu}/{path}") if path else frozenset()
+        if mask:
+            return mask
+    return frozenset({cpu})
+
+
+def _llc_path(cpu: int) -> str | None:
+    """The sysfs cache index of the last-level cache of `cpu` (what MC domains span)."""
+    best = None
+    try:
+        for index in os.listdir(f"{_CPU}/cpu{cpu}/cache"):
+            if not index.startswith("index"):
+                continue
+            with open(f"{_CPU}/cpu{cpu}/cache/{index}/level") as f:
+                level = int(f.read())
+            if best is None or level > best[0]:
+                best = (level, f"cache/{index}/shared_cpu_list")
+    except (OSError, ValueError):
+        return None
+    return best[1] if best else None
+
+
+def _numa_levels(cpus: frozenset[int]) -> list[dict[int, frozenset[int]]]:
+    """sched_init_numa(): a NODE level, then one per larger distance between nodes."""
+    node_cpus: dict[int, frozenset[int]] = {}
+    distances: dict[int, list[int]] = {}
+    try:
+        for name in os.listdir(_NODE):
+            if name.startswith("node") and name[4:].isdigit():
+                node = int(name[4:])
+                node_cpus[node] = _read_cpus(f"{_NODE}/{name}/cpulist")
+                with open(f"{_NODE}/{name}/distance") as f:
+                    distances[node] = [int(d) for d in f.read().split()]
+    except (OSError, ValueError):
+        return []
+    steps = sorted({d for row in distances.values() for d in row})
+    if len(steps) < 2:
+        return []
+    levels = []
+    for step in steps:
+        near = {}
+        for node, row in distances.items():
+            span = frozenset().union(
+                *(node_cpus.get(other, frozenset()) for other, d in enumerate(row) if d <= step)
+            )
+            near.update({cpu: span for cpu in node_cpus[node] & cpus})
+        levels.append(near)
+    return levels
+
+
+def _drops_lone_threads(smt: dict[int, frozenset[int]]) -> bool:
+    """x86 since 6.17 builds no SMT level when cores run one thread each."""
+    if os.uname().machine not in ("x86_64", "i686", "i586", "i486", "i386"):
+        return False
+    release = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    recent = release is not None and (int(release[1]), int(release[2])) >= (6, 17)
+    return recent and all(len(mask) <= 1 for mask in smt.values())
+
+
+def _topology_levels(cpus: frozenset[int]) -> list[dict[int, frozenset[int]]]:
+    """The kernel's default topology (SMT, CLS, MC, PKG, then NUMA), the configured levels."""
+    levels = []
+    smt = {cpu: _mask(cpu, "topology/thread_siblings_list") for cpu in cpus}
+    if _configured("CONFIG_SCHED_SMT") and not _drops_lone_threads(smt):
+        levels.append(smt)
+    if _configured("CONFIG_SCHED_CLUSTER"):
+        levels.append({cpu: _mask(cpu, "topology/cluster_cpus_list") for cpu in cpus})
+    if _configured("CONFIG_SCHED_MC"):  # cpu_coregroup_mask(): the CPUs sharing the LLC
+        levels.append({cpu: _mask(cpu, _llc_path(cpu), "topology/core_siblings_list")
+                       for cpu in cpus})
+    package = {
+        cpu: _mask(cpu, "topology/package_cpus_list", "topology/core_siblings_list")
+        for cpu in cpus
+    }
+    numa = _numa_levels(cpus)
+    # x86 drops the package level when a package holds more than one node
+    if not numa or all(package[cpu] <= numa[0].get(cpu, package[cpu]) for cpu in cpus):
+        levels.append(package)
+    return levels + numa
 
 
 def _read_pressure_enabled(c: Container) -> str:
@@ -256,8 +400,9 @@ class Cpuset(Subsystem):
         self.requested: dict[Task, frozenset[int] | None] = {}
         #: the affinity this subsystem last gave a task
         self.applied: dict[Task, frozenset[int]] = {}
-        #: tasks to check soon (forks and large moves), outside the request path
-        self.pending: set[Task] = set()
+        #: tasks to check soon (forks, large moves and changes), outside the request path,
+        #: each with the mask it may hold without having asked (see _learn)
+        self.pending: dict[Task, frozenset[int]] = {}
         self.audits = 0
         self.clipped = 0
         self._wakeup: trio.Event | None = None
@@ -294,18 +439,19 @@ class Cpuset(Subsystem):
             raise CgroupError(errno.ENOSPC, f"cpuset {dst.path} has no cpus or no mems")
 
     def attach(self, dst: Container, tasks: Sequence[Task], sources: Sequence[Container]) -> None:
+        """Members of a cpuset get its CPUs; tasks back in the root get their own request."""
         cpus = _state(dst).cpus
+        homes = [(task, _state(src).cpus) for task, src in zip(tasks, sources, strict=True)]
         if len(tasks) > INLINE_MAX:
-            self._defer(tasks)
+            self._defer(homes)
             return
-        for task, src in zip(tasks, sources, strict=True):
-            self._enforce(task, cpus, _state(src).cpus)
+        for task, home in homes:
+            self._enforce(task, cpus, home)
 
     def fork(self, task: Task, container: Container) -> None:
         # the kernel copies the mask on fork; a fork racing an attach may copy an old one
         if not container.is_root:
-            self.pending.add(task)
-            self._poke()
+            self._defer([(task, _state(container).cpus)])
 
     def restore(self, task: Task, container: Container) -> None:
         """Back after a restart: its mask may have drifted while nothing watched."""
@@ -314,7 +460,7 @@ class Cpuset(Subsystem):
     def exit(self, task: Task, container: Container) -> None:
         self.requested.pop(task, None)
         self.applied.pop(task, None)
-        self.pending.discard(task)
+        self.pending.pop(task, None)
 
     def bind(self, hierarchy: Hierarchy) -> None:
         super().bind(hierarchy)
@@ -326,14 +472,14 @@ class Cpuset(Subsystem):
         self.applied.clear()
         self.pending.clear()
 
-    def cpus_changed(self, c: Container) -> None:
-        """A cpuset's CPUs changed: its own tasks follow (children were already subsets)."""
+    def cpus_changed(self, c: Container, old: frozenset[int]) -> None:
+        """A cpuset's CPUs changed from `old`: its own tasks follow (children were subsets)."""
         cpus = _state(c).cpus
         if len(c.tasks) > INLINE_MAX:
-            self._defer(c.tasks)
+            self._defer([(task, old) for task in c.tasks])
             return
         for task in list(c.tasks):
-            self._enforce(task, cpus, cpus)
+            self._enforce(task, cpus, old)
 
     # ------------------------------------------------------------- affinity
 
@@ -365,41 +511,52 @@ class Cpuset(Subsystem):
             _set(task.tid, want)
         self.applied[task] = want
 
-    def _defer(self, tasks: Iterable[Task]) -> None:
-        self.pending.update(tasks)
+    def _defer(self, homes: Iterable[tuple[Task, frozenset[int]]]) -> None:
+        self.pending.update(homes)
         self._poke()
 
     def _poke(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def _members(self, tasks: Iterable[Task]) -> list[tuple[Task, frozenset[int]]]:
-        """(task, cpus of its cpuset) for the given tasks that are still in a non-root cpuset."""
+    def _members(
+        self, homes: Iterable[tuple[Task, frozenset[int]]]
+    ) -> list[tuple[Task, frozenset[int], frozenset[int]]]:
+        """(task, cpus of its cpuset, home) for the given tasks that are still tracked.
+
+        Tasks in the root are kept: one moved back there by a large move must
+        get its own request (or every CPU) back, as a small move gives it.
+        """
         h = self.hierarchy
         if h is None:
             return []
         out = []
-        for task in tasks:
+        for task, home in homes:
             c = task.cgroups.get(h.id)
-            if c is not None and not c.is_root and task.tid in self.registry.tasks:
-                out.append((task, _state(c).cpus))
+            if c is not None and task.tid in self.registry.tasks:
+                out.append((task, _state(c).cpus, home))
         return out
 
-    async def _check(self, members: list[tuple[Task, frozenset[int]]]) -> None:
-        """Read masks in a worker thread; fix on this thread what drifted or is new."""
+    async def _check(self, members: list[tuple[Task, frozenset[int], frozenset[int]]]) -> None:
+        """Read masks in a worker thread; fix on this thread what is not what it should be.
+
+        A task is left alone only when its mask is both the one this daemon
+        last gave it and the one it should have now: after a move or a change
+        of CPUs the first holds and the second does not.
+        """
         for i in range(0, len(members), BATCH):
             batch = members[i : i + BATCH]
-            masks = await trio.to_thread.run_sync(lambda b=batch: [_get(t.tid) for t, _ in b])
+            masks = await trio.to_thread.run_sync(lambda b=batch: [_get(m[0].tid) for m in b])
             h = self.hierarchy
             if h is None:
                 return
-            for (task, cpus), current in zip(batch, masks, strict=True):
+            for (task, cpus, home), current in zip(batch, masks, strict=True):
                 c = task.cgroups.get(h.id)
                 if current is None or c is None or _state(c).cpus != cpus:
-                    continue  # gone, or moved meanwhile (the move enforced it)
-                if current == self.applied.get(task):
+                    continue  # gone, or moved or changed meanwhile (that enforced it)
+                if current == self.applied.get(task) == self._target(task, cpus):
                     continue
-                self._learn(task, current, cpus)
+                self._learn(task, current, home)
                 want = self._target(task, cpus)
                 if want != current:
                     _set(task.tid, want)
@@ -417,11 +574,11 @@ class Cpuset(Subsystem):
             if self.hierarchy is None:
                 continue
             if self.pending:
-                tasks, self.pending = self.pending, set()
-                await self._check(self._members(tasks))
+                homes, self.pending = self.pending, {}
+                await self._check(self._members(homes.items()))
             if trio.current_time() >= next_audit:
                 root = self.hierarchy.root
-                members = [t for c in root.walk() if not c.is_root for t in c.tasks]
-                await self._check(self._members(members))
+                homes = [(t, _state(c).cpus) for c in root.walk() if not c.is_root for t in c.tasks]
+                await self._check(self._members(homes))
                 self.audits += 1
                 next_audit = trio.current_time() + AUDIT_PERIOD

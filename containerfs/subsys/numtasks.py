@@ -9,11 +9,14 @@ Userspace cannot make fork fail. What it can do is see the fork (a netlink
 event, applied on the registry's thread) and kill the new task's whole
 thread group at once, because a signal takes a process: the newest task is
 the one whose creation the kernel would have refused. The kill goes through
-a pidfd after checking the process's start time, never to the daemon, its
-ancestors or pid 1, and the container the fork came from counts it in
-numtasks.events. Tasks of a group already killed are not counted against
-the limit while they die, so one fork costs one kill. Moving tasks in may
-exceed the limit, and lowering the limit kills nothing, as in the kernel.
+a pidfd after checking the process's start time (the one recorded for it
+when known, so a reused pid is not hit), never to the daemon, its ancestors
+or pid 1. The container the fork came from counts it in numtasks.events and
+is the one the log names, as in the kernel. Tasks of a group already killed
+are not counted against the limit while they die, so one fork costs one
+kill. Moving tasks in may exceed the limit, and lowering the limit kills
+nothing, as in the kernel. Peaks and events are counters the journal keeps
+at most once a second, so a restart keeps all but the last second's.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import trio
+
 from containerfs import signals
 from containerfs.core.container import Container
 from containerfs.core.files import Caller, ControlFile, Placement
 from containerfs.core.parse import parse_max_or_int
 from containerfs.core.subsystem import Subsystem
 from containerfs.core.task import Task
+from containerfs.subsys.cpuacct import find_saved, saved_key
 from containerfs.tracking import procscan
 
 if TYPE_CHECKING:
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 NAME = "numtasks"
 #: PID_MAX_LIMIT: the largest limit the kernel's pids.max accepts
 PID_MAX_LIMIT = 4194304
+#: peaks and events are journaled at most this often (a fork storm changes them per fork)
+PERSIST_PERIOD = 1.0
 
 
 @dataclass(slots=True)
@@ -56,6 +64,15 @@ class NumtasksState:
 
 def _state(c: Container) -> NumtasksState:
     return c.state[NAME]
+
+
+def _saved_counts(c: Container) -> list[int] | None:
+    """[peak, events] to journal for `c`; None for the root, a child sharing its parent's
+    state (subsystem disabled there), or one at zero."""
+    if c.is_root or c.state[NAME] is c.parent.state[NAME]:
+        return None
+    state = _state(c)
+    return [state.peak, state.events] if state.peak or state.events else None
 
 
 def _read_max(c: Container) -> str:
@@ -103,16 +120,36 @@ class Numtasks(Subsystem):
         self.dying: set[Task] = set()
         self.kills = 0
         self.refused_kills = 0
+        #: peaks and events journaled before a restart, by saved_key, until their container
+        #: is back
+        self._restoring: dict[str, list[int]] = {}
+        #: containers whose peak or events changed since they were last journaled
+        self.changed: set[Container] = set()
+        self._wake: trio.Event | None = None
 
     def create(self, container: Container) -> NumtasksState | None:
-        return None if container.is_root else NumtasksState()
+        if container.is_root:
+            return None
+        state = NumtasksState()
+        state.peak, state.events = self._restoring.pop(saved_key(container), (0, 0))
+        return state
+
+    def destroy(self, container: Container) -> None:
+        """Its journaled counts go too: a container made later at its path starts at 0."""
+        if not container.is_root:
+            state = _state(container)
+            state.peak = state.events = 0
+            self.changed.discard(container)
+            self.registry.subsystem_changed(self, saved_key(container))
 
     def _bump_peaks(self, c: Container) -> None:
         for node in c.ancestors():
             if node.is_root:
                 break
             state = _state(node)
-            state.peak = max(state.peak, node.nr_subtree_tasks)
+            if node.nr_subtree_tasks > state.peak:
+                state.peak = node.nr_subtree_tasks
+                self._journal_soon(node)
 
     def _count_dying(self, task: Task, c: Container, delta: int) -> None:
         """Keep each ancestor's count of dying tasks, so a fork costs O(depth), not O(kills)."""
@@ -148,16 +185,15 @@ class Numtasks(Subsystem):
             return
         state = _state(container)
         state.events += 1
-        if not state.warned:
+        self._journal_soon(container)
+        if not state.warned:  # pids_event(): once, naming the cgroup the fork came from
             state.warned = True
-            log.warning("fork rejected by numtasks controller in %s", over.path)
-        facts = procscan.read_task(task.tgid)
-        if facts is None:
-            return  # already gone
-        if task.is_leader and task.start_time is None:
-            task.start_time = facts.start_time  # known now: the journal need not read it
-        if signals.signal_process(task.tgid, signal.SIGKILL, facts.start_time):
-            self.killed[task.tgid] = facts.start_time
+            log.warning("cgroup: fork rejected by numtasks controller in %s", container.path)
+        start_time = self._process_start(task, container)
+        if start_time is None:
+            return  # gone already
+        if signals.signal_process(task.tgid, signal.SIGKILL, start_time):
+            self.killed[task.tgid] = start_time
             self.kills += 1
             h = container.hierarchy
             for tid in self.registry.threads.get(task.tgid, ()):
@@ -165,6 +201,27 @@ class Numtasks(Subsystem):
                 self._mark_dying(member, member.cgroups[h.id])
         else:
             self.refused_kills += 1
+
+    def _process_start(self, task: Task, container: Container) -> int | None:
+        """The start time of the new task's process, to kill that process and no other.
+
+        The one recorded for its leader is used when known: /proc, read now,
+        may already show another process under a reused pid. Read from /proc
+        otherwise, once the task is checked to be still a member (its exit
+        not yet seen), which leaves only a reuse faster than the exit event.
+        """
+        h = container.hierarchy
+        if self.registry.tasks.get(task.tid) is not task or task.cgroups.get(h.id) is None:
+            return None
+        leader = self.registry.tasks.get(task.tgid)
+        if leader is not None and leader.start_time is not None:
+            return leader.start_time
+        facts = procscan.read_task(task.tgid)
+        if facts is None:
+            return None
+        if leader is not None:
+            leader.start_time = facts.start_time  # known now: the journal need not read it
+        return facts.start_time
 
     def restore(self, task: Task, container: Container) -> None:
         """Back after a restart: counted, never killed (it may be there by a move)."""
@@ -190,3 +247,53 @@ class Numtasks(Subsystem):
         super().unbind(hierarchy)
         self.killed.clear()
         self.dying.clear()
+        self.changed.clear()
+        self.registry.subsystem_changed(self)  # nothing left to keep
+
+    # ------------------------------------------------------------ persistence
+
+    def saved(self) -> dict[str, list[int]]:
+        """Each container's [peak, events] (counters, not settings), by saved_key(); zeros
+        left out."""
+        h = self.hierarchy
+        if h is None:
+            return {}
+        items = {}
+        for c in h.root.walk():
+            value = _saved_counts(c)
+            if value is not None:
+                items[saved_key(c)] = value
+        return items
+
+    def saved_item(self, key: str) -> list[int] | None:
+        c = find_saved(self.hierarchy, key)
+        return _saved_counts(c) if c is not None else None
+
+    def restore_saved(self, data: dict) -> None:
+        """Keep the counts until the containers are made again (create() takes them)."""
+        self._restoring = dict(data)
+
+    def _journal_soon(self, c: Container) -> None:
+        self.changed.add(c)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _persist(self) -> None:
+        changed, self.changed = self.changed, set()
+        for c in changed:
+            if not c.removed and c.hierarchy is self.hierarchy:
+                self.registry.subsystem_changed(self, saved_key(c))
+
+    async def run(self) -> None:
+        """Journal peaks and events after they change, at most once per PERSIST_PERIOD."""
+        # the restore is over: a container not made again by now is gone with its counts
+        self._restoring.clear()
+        self._wake = trio.Event()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()  # what changes from here is journaled next time
+                self._persist()
+                await trio.sleep(PERSIST_PERIOD)
+        finally:
+            self._persist()  # a clean stop: the journal is still open

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 from containerfs.subsys import sysinfo
 from tests.conftest import wait_for, write
+from tests.integration.test_persistence import crash, served
 
 NCPU = sysinfo.nr_cpu_ids()
 
@@ -216,3 +218,101 @@ def test_read_only_files_refuse_writes(ca):
     os.mkdir(ca / "a")
     for name in ("usage_user", "usage_percpu", "usage_all", "stat", "usage_percpu_sys"):
         assert write(ca / "a" / f"cpuacct.{name}", b"0") == errno.EINVAL
+
+
+#: Two threads burning at once: one in user mode, one in the kernel (reads of /dev/zero);
+#: then both stay, idle, so every nanosecond is charged by sampling them.
+SPLIT = r"""
+import os, sys, threading, time
+go, burned = threading.Event(), threading.Barrier(3)
+def user():
+    go.wait(); end = time.thread_time() + 0.5; x = 0
+    while time.thread_time() < end:  # a syscall: rarely
+        for _ in range(100000):
+            x += 1
+    burned.wait(); time.sleep(1000)
+def system():
+    buf = bytearray(1 << 20); fd = os.open("/dev/zero", os.O_RDONLY)
+    go.wait(); end = time.thread_time() + 0.5
+    while time.thread_time() < end:
+        os.readv(fd, [buf])
+    burned.wait(); time.sleep(1000)
+threads = [threading.Thread(target=f, daemon=True) for f in (user, system)]
+[t.start() for t in threads]
+print(*(t.native_id for t in threads), flush=True)
+sys.stdin.readline(); go.set()
+burned.wait()
+print(flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_user_and_system_split_is_each_threads_own(ca, procs):
+    """Two threads of one process in two containers: each gets its own split, not the
+    process's (which /proc/TID/stat gives for any thread)."""
+    os.mkdir(ca / "u")
+    os.mkdir(ca / "s")
+    p = procs.spawn(sys.executable, "-c", SPLIT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    text=True)
+    user_tid, system_tid = map(int, p.stdout.readline().split())
+    assert write(ca / "u" / "tasks", str(user_tid).encode()) == 0
+    assert write(ca / "s" / "tasks", str(system_tid).encode()) == 0
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    p.stdout.readline()  # both burned their 0.5 s and wait
+    for name in ("u", "s"):
+        assert usage(ca / name) >= 0.45e9, name
+    u_sys = int((ca / "u" / "cpuacct.usage_sys").read_text())
+    s_user = int((ca / "s" / "cpuacct.usage_user").read_text())
+    assert u_sys < 0.05 * usage(ca / "u"), u_sys
+    assert s_user < 0.2 * usage(ca / "s"), s_user
+
+
+def _journaled(cfs, path: str) -> int:
+    """The cpuacct usage of container `path` as the daemon's journal holds it now."""
+    user, system = journaled(cfs, "cpuacct", path) or ([], [])
+    return sum(user) + sum(system)
+
+
+def test_usage_survives_a_daemon_crash(cfs, ca, procs):
+    """kill -9 the daemon: a restart keeps what was journaled (at most a second old)."""
+    os.makedirs(ca / "a" / "b")
+    b = Burner(procs)
+    assert write(ca / "a" / "b" / "tasks", str(b.pid).encode()) == 0
+    b.joined()
+    b.burn(0.5)
+    burned = b.used()
+    before = usage(ca / "a" / "b")
+    wait_for(lambda: _journaled(cfs, "/a/b") >= before, 20)
+    crash(cfs)
+    cfs.start()
+    wait_for(lambda: served(ca), timeout=10)
+    after = usage(ca / "a" / "b")
+    assert abs(after - burned * 1e9) <= 0.1 * burned * 1e9, (after, before, burned)
+    assert usage(ca / "a") == after  # the parent's count came back too
+    b.burn(0.2)  # and counting goes on from there
+    assert usage(ca / "a" / "b") >= after + 0.15e9
+
+
+def journaled(cfs, subsystem: str, path: str):
+    """The item a subsystem journaled for container `path` (keys are "HID:/path"): the
+    last full record of it, updated by the item records after it, as a restart reads it."""
+    lines = []
+    for name in ("snapshot", "journal"):
+        try:
+            lines += (cfs.rt / "state" / name).read_bytes().splitlines()
+        except FileNotFoundError:
+            continue
+    items: dict = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("name") != subsystem:
+            continue
+        if rec.get("op") == "s":
+            items = dict(rec.get("data") or {})
+        elif rec.get("op") == "si":
+            items[rec["key"]] = rec["value"]
+    return next((v for k, v in items.items() if k.endswith(":" + path) and v is not None), None)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from containerfs.subsys import sysinfo
+from containerfs.core.parse import parse_id_list
+from containerfs.subsys import cpuset, sysinfo
 from tests.conftest import wait_for, write
 
 pytestmark = pytest.mark.skipif(
@@ -57,8 +58,24 @@ for line in sys.stdin:
             time.sleep(100); os._exit(0)
         print(pid, flush=True)
     elif line.startswith("widen"):
-        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-        print("ok", flush=True)
+        # report the widened mask as the kernel holds it: the daemon's audit may clip it
+        # back between a call and a read, so set it again until a read shows it
+        wide = set(range(os.cpu_count() or 1)) & set(map(int, line.split()[1:]))
+        for _ in range(1000):
+            os.sched_setaffinity(0, wide)
+            if os.sched_getaffinity(0) == wide:
+                break
+        print(",".join(map(str, sorted(os.sched_getaffinity(0)))), flush=True)
+"""
+
+#: A process with many threads (more than a move enforces before its write returns).
+MANY_THREADS = r"""
+import sys, threading, time
+threading.stack_size(1 << 16)
+for _ in range(int(sys.argv[1])):
+    threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()
+print(flush=True)
+time.sleep(1000)
 """
 
 
@@ -205,8 +222,8 @@ def test_widened_affinity_is_clipped_back(cs, procs):
     w = Worker(procs)
     assert write(a / "tasks", str(w.pid).encode()) == 0
     assert allowed(w.pid) == {FIRST}
-    assert w.ask("widen") == "ok"
-    assert allowed(w.pid) == set(CPUS)  # userspace cannot stop this ...
+    # userspace cannot stop this (the worker saw the wide mask in force) ...
+    assert w.ask(f"widen {ALL.replace(',', ' ')}") == ALL
     wait_for(lambda: allowed(w.pid) == {FIRST}, 20)  # ... but the audit clips it back
     # moving the thread back to the root gives it its own request (all CPUs) again
     assert write(cs / "tasks", str(w.pid).encode()) == 0
@@ -224,6 +241,30 @@ def test_task_keeps_its_own_affinity_inside_the_cpuset(cs, procs):
     assert allowed(p.pid) == {FIRST}  # nothing of it inside: the whole cpuset
     assert write(a / "tasks", str(p.pid).encode()) == 0
     assert allowed(p.pid) == {SECOND}  # the request was remembered
+
+
+def test_large_moves_and_changes_are_enforced(cs, procs):
+    """Over INLINE_MAX threads the daemon's loop sets the masks: after every move and
+    change, and back in the root too, where the process gets every CPU again."""
+    a = mkset(cs, "a", str(FIRST))
+    b = mkset(cs, "b", str(SECOND))
+    n = cpuset.INLINE_MAX + 44
+    p = procs.spawn(sys.executable, "-c", MANY_THREADS, str(n), stdout=subprocess.PIPE)
+    p.stdout.readline()
+    tids = [int(t) for t in os.listdir(f"/proc/{p.pid}/task")]
+    assert len(tids) == n + 1
+
+    def all_on(cpus) -> bool:
+        return all(allowed(tid) == set(cpus) for tid in tids)
+
+    assert write(a / "cgroup.procs", str(p.pid).encode()) == 0
+    wait_for(lambda: all_on({FIRST}), 20)
+    assert write(b / "cgroup.procs", str(p.pid).encode()) == 0
+    wait_for(lambda: all_on({SECOND}), 20)
+    assert write(b / "cpuset.cpus", str(FIRST).encode()) == 0
+    wait_for(lambda: all_on({FIRST}), 20)
+    assert write(cs / "cgroup.procs", str(p.pid).encode()) == 0
+    wait_for(lambda: all_on(CPUS), 20)
 
 
 def test_root_cpus_and_mems_are_read_only(cs):
@@ -363,9 +404,12 @@ def test_flags_accept_any_nonzero(cs):
 def test_relax_domain_level(cs):
     os.mkdir(cs / "a")
     f = cs / "a" / "cpuset.sched_relax_domain_level"
+    top = cpuset._domain_level_max() + 1
     assert write(f, b"1") == 0 and f.read_text() == "1\n"
+    assert write(f, str(top).encode()) == 0 and f.read_text() == f"{top}\n"
     assert write(f, b"-1\n") == 0 and f.read_text() == "-1\n"
     for data, err in [
+        (str(top + 1).encode(), errno.EINVAL),
         (b"-2", errno.EINVAL),
         (b"1000", errno.EINVAL),
         (b" 1", errno.EINVAL),
@@ -397,3 +441,79 @@ def test_daemon_survives_junk(cfs, cs):
         write(cs / "a" / f"cpuset.{name}", b"\xff\x00junk" * 10)
     assert cfs.daemon_alive()
     assert (cs / "a" / "cpuset.cpus").read_text() == "\n"
+
+
+#: Finds the largest sched_relax_domain_level the kernel accepts, on a real v1 cpuset in a
+#: private mount namespace. The probe cpuset has no CPUs, so no write rebuilds any domain.
+KERNEL_PROBE = r"""
+d=$(mktemp -d) || exit 1
+mount -t cgroup -o cpuset none "$d" 2>/dev/null || { rmdir "$d"; exit 3; }
+p="$d/containerfs-probe-$$"
+mkdir "$p" || { umount "$d"; rmdir "$d"; exit 3; }
+top=-1
+for v in 0 1 2 3 4 5 6 7 8 9 10 11 12; do
+    echo $v > "$p/cpuset.sched_relax_domain_level" 2>/dev/null && top=$v
+done
+echo $top
+rmdir "$p"; umount "$d"; rmdir "$d"
+"""
+
+
+def test_relax_domain_level_bound_is_the_kernels(cs):
+    """Where a real v1 cpuset can be mounted, the same values are accepted as by it."""
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", KERNEL_PROBE],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip("no kernel v1 cpuset to compare with")
+    kernel_top = int(probe.stdout)
+    os.mkdir(cs / "a")
+    f = cs / "a" / "cpuset.sched_relax_domain_level"
+    assert write(f, str(kernel_top).encode()) == 0
+    assert write(f, str(kernel_top + 1).encode()) == errno.EINVAL
+
+
+def _level(cpus: dict[int, str]) -> dict[int, frozenset[int]]:
+    """One topology level: CPU -> the CPUs sharing it, from "0-1" style lists."""
+    return {cpu: parse_id_list(mask.encode(), 64) for cpu, mask in cpus.items()}
+
+
+@pytest.mark.parametrize(
+    "cpu_map, levels, expected",
+    [
+        # 2 cores, one LLC, no SMT: SMT {0}, CLS {0}, MC {0,1} spans all: levels 0..2
+        (
+            "0-1",
+            [{0: "0", 1: "1"}, {0: "0", 1: "1"}, {0: "0-1", 1: "0-1"}, {0: "0-1", 1: "0-1"}],
+            2,
+        ),
+        # SMT siblings already span everything: the build stops at level 0
+        ("0-1", [{0: "0-1", 1: "0-1"}, {0: "0-1", 1: "0-1"}], 0),
+        # two LLCs in one package: MC stops short, PKG is level 3
+        (
+            "0-3",
+            [
+                {0: "0", 1: "1", 2: "2", 3: "3"},
+                {0: "0", 1: "1", 2: "2", 3: "3"},
+                {0: "0-1", 1: "0-1", 2: "2-3", 3: "2-3"},
+                {0: "0-3", 1: "0-3", 2: "0-3", 3: "0-3"},
+            ],
+            3,
+        ),
+        # CPUs 2-3 isolated: the domain CPUs are 0-1, and MC spans them
+        (
+            "0-1",
+            [
+                {0: "0", 1: "1"},
+                {0: "0", 1: "1"},
+                {0: "0-3", 1: "0-3"},
+                {0: "0-3", 1: "0-3"},
+            ],
+            2,
+        ),
+        # one CPU: no domain has a child, sched_domain_level_max stays 0
+        ("0", [{0: "0"}, {0: "0"}, {0: "0"}], 0),
+    ],
+)
+def test_sched_domain_level_max_follows_the_kernels_build(cpu_map, levels, expected):
+    cpus = parse_id_list(cpu_map.encode(), 64)
+    assert cpuset.built_level_max(cpus, [_level(lv) for lv in levels]) == expected

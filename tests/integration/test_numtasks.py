@@ -10,6 +10,8 @@ import sys
 import pytest
 
 from tests.conftest import read_ids, wait_for, write
+from tests.integration.test_cpuacct import journaled
+from tests.integration.test_persistence import crash, served
 
 
 @pytest.fixture
@@ -155,3 +157,99 @@ def test_unlimited_child_of_limited_parent(nt, procs):
     assert sh.stdout.readline() == "done\n"
     wait_for(lambda: (nt / "a" / "numtasks.current").read_text() == "2\n", 30)
     assert (nt / "a" / "b" / "numtasks.events").read_text() == "max 4\n"
+
+
+#: Starts threads one by one on request; each line read starts one more.
+THREADS = r"""
+import sys, threading, time
+for line in sys.stdin:
+    threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()
+    print(threading.active_count(), flush=True)
+"""
+
+
+def test_new_thread_over_the_limit_kills_its_process(nt, procs):
+    """pthread_create is a clone like fork: over the limit, its process is killed."""
+    os.mkdir(nt / "a")
+    assert write(nt / "a" / "numtasks.max", b"2") == 0
+    p = procs.spawn(sys.executable, "-c", THREADS, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    text=True)
+    assert write(nt / "a" / "cgroup.procs", str(p.pid).encode()) == 0
+    p.stdin.write("thread\n")
+    p.stdin.flush()
+    assert p.stdout.readline() == "2\n"  # two tasks: at the limit, allowed
+    assert (nt / "a" / "numtasks.current").read_text() == "2\n"
+    assert p.poll() is None
+    p.stdin.write("thread\n")
+    p.stdin.flush()
+    assert p.wait(timeout=30) == -9  # the third task took its whole process
+    assert (nt / "a" / "numtasks.events").read_text() == "max 1\n"
+    wait_for(lambda: (nt / "a" / "numtasks.current").read_text() == "0\n", 30)
+
+
+#: A fork storm that reports each child's pid as it forks it.
+STORM_PIDS = r"""
+read go
+i=0
+while [ $i -lt {n} ]; do
+    sleep 1000 &
+    echo $!
+    i=$((i+1))
+done
+echo done
+read wait
+"""
+
+
+def test_fork_storm_keeps_the_oldest(cfs, nt, procs):
+    """The kernel refuses the forks past the limit, so the first children live on: the
+    daemon kills the newest thread group each time, never an older one."""
+    os.makedirs(nt / "a" / "b")
+    limit = 10
+    assert write(nt / "a" / "numtasks.max", str(limit).encode()) == 0
+    sh = procs.spawn("sh", "-c", STORM_PIDS.format(n=60), stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert write(nt / "a" / "b" / "cgroup.procs", str(sh.pid).encode()) == 0
+    sh.stdin.write("go\n")
+    sh.stdin.flush()
+    children = []
+    for line in sh.stdout:
+        if line == "done\n":
+            break
+        children.append(int(line))
+    assert len(children) == 60
+    wait_for(lambda: int((nt / "a" / "numtasks.current").read_text()) <= limit, 30)
+    alive = sorted(p for p in read_ids(nt / "a" / "b" / "cgroup.procs") if p != sh.pid)
+    assert alive == sorted(children[: limit - 1])
+    assert sh.poll() is None
+    # the kernel logs once per cgroup, naming the one the fork came from
+    logged = [ln for ln in cfs.stderr().splitlines() if "fork rejected by numtasks" in ln]
+    assert len(logged) == 1 and logged[0].endswith(" in /a/b"), logged
+
+
+def _journaled(cfs, path: str) -> list[int] | None:
+    """[peak, events] of container `path` as the daemon's journal holds it now."""
+    return journaled(cfs, "numtasks", path)
+
+
+def test_peak_and_events_survive_a_daemon_crash(cfs, nt, procs):
+    os.mkdir(nt / "a")
+    assert write(nt / "a" / "numtasks.max", b"3") == 0
+    sh = procs.spawn("sh", "-c", STORM.format(n=6), stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert write(nt / "a" / "cgroup.procs", str(sh.pid).encode()) == 0
+    sh.stdin.write("go\n")
+    sh.stdin.flush()
+    assert sh.stdout.readline() == "done\n"
+    wait_for(lambda: (nt / "a" / "numtasks.current").read_text() == "3\n", 30)
+    events = (nt / "a" / "numtasks.events").read_text()
+    peak = (nt / "a" / "numtasks.peak").read_text()
+    assert events == "max 4\n"
+    wait_for(lambda: _journaled(cfs, "/a") == [int(peak), 4], 20)
+    os.killpg(sh.pid, 9)  # while no daemon runs: the peak must not come from the count
+    sh.wait()
+    crash(cfs)
+    cfs.start()
+    wait_for(lambda: served(nt), timeout=10)
+    assert (nt / "a" / "numtasks.events").read_text() == events
+    assert (nt / "a" / "numtasks.peak").read_text() == peak
