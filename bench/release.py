@@ -5,12 +5,16 @@ set and SIGKILLed; the delay runs from just before the kill(2) in this
 process to the daemon's `agent_started` event (stamped once the agent's
 exec succeeded), both on the wall clock. It covers the exit event, the
 tracker, the core, the runner's queue and the fork and exec of the agent
-(/bin/true). One release at a time, so no queueing is measured.
+(/bin/true). One release at a time, so no queueing is measured. RUNS (300)
+runs; the issue asks for at least 200.
 
-"burst": one process with 1000 threads, one thread per container, is
-killed, so 1000 containers empty at once; reported: the time until every
-agent started and finished, the most agents the daemon ran at once (its
---max-agents bound, default 8), and zombies left behind.
+"burst": one process with CONTAINERS (1000) threads, one thread per
+container, is killed, so that many containers empty at once; reported: the
+time until every agent started and finished, the most agents the daemon
+ran at once (its --max-agents bound, default 8), and zombies left behind.
+
+`scripts/bench --quick` runs QUICK_RUNS and QUICK_CONTAINERS instead, and
+says so in a note and beside each target: a smoke test, not a measure.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ from containerfs import control
 
 AGENT = "/bin/true"
 TARGET_P99_MS = 100.0
+#: the issue's numbers: at least 200 runs, and 1000 containers emptied at once
+RUNS = 300
+CONTAINERS = 1000
+#: --quick: a smoke run, too small to judge the targets by
+QUICK_RUNS = 50
+QUICK_CONTAINERS = 200
 
 
 class Events:
@@ -115,8 +125,15 @@ def burst(cfs: Containerfs, events: Events, count: int) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    runs = 50 if quick else 300
-    count = 200 if quick else 1000
+    """The full run by default; `quick` (scripts/bench --quick) shrinks it, and says so."""
+    runs, count = (QUICK_RUNS, QUICK_CONTAINERS) if quick else (RUNS, CONTAINERS)
+    notes = []
+    if quick:  # printed by bench/__main__ beside the tables
+        notes.append(
+            f"quick: reduced to {runs} runs and {count} containers (the full run, "
+            f"without --quick: {RUNS} runs and {CONTAINERS} containers); "
+            "not enough to judge the targets"
+        )
     with Containerfs("none,name=bench") as cfs:
         write_file(cfs.root / "release_agent", AGENT.encode())
         write_file(cfs.root / "notify_on_release", b"1")
@@ -132,19 +149,21 @@ def run(quick: bool = False) -> dict:
         "samples_ms": delays,
     }
     p99_met = latency["p99_ms"] < TARGET_P99_MS
+    reduced = " (quick: reduced run)" if quick else ""
     return {
+        "notes": notes,
         "latency": latency,
         "burst": b,
         "targets": [
             {
                 "target": f"exit to release agent start p99 under {TARGET_P99_MS:.0f} ms",
-                "value": f"{latency['p99_ms']:.1f} ms",
+                "value": f"{latency['p99_ms']:.1f} ms over {latency['n']} runs{reduced}",
                 "met": p99_met,
             },
             {
                 "target": f"{b['containers']} releases at once: all run, at most "
                 f"{b['max_agents']} at a time, no zombie",
-                "value": f"most {b['most_running']} at once, {b['zombies']} zombies",
+                "value": f"most {b['most_running']} at once, {b['zombies']} zombies{reduced}",
                 "met": b["most_running"] <= b["max_agents"] and b["zombies"] == 0,
             },
         ],

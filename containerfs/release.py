@@ -12,7 +12,8 @@ Beyond the kernel: at most `max_agents` agents run at once (the others wait
 their turn, in trigger order, and all run); an agent still running after
 `timeout` seconds is killed with its whole process group; every agent is
 reaped; each run is logged to the daemon's log as
-"release agent AGENT PATH exited STATUS in MS ms".
+"release agent AGENT PATH exited STATUS in MS ms", or, when the exec
+failed, "release agent AGENT PATH failed to start in MS ms: ERROR".
 
 One pending slot per container: triggers that come before the agent is
 launched collapse into one launch. A container removed before its launch
@@ -212,7 +213,9 @@ class ReleaseRunner(Listener):
             )
         except OSError as exc:
             self.counters.failed += 1
-            log.warning("release agent %s %s failed to start: %s", agent, path, exc)
+            ms = (time.monotonic() - started) * 1000
+            # fixed fields first, like "exited": the error text is free-form
+            log.warning("release agent %s %s failed to start in %.0f ms: %s", agent, path, ms, exc)
             if self.publish is not None:
                 self.publish("agent_failed", c, agent=agent, error=str(exc))
             return None

@@ -16,7 +16,9 @@ but the root also has:
   FUSE cannot notify on changes the filesystem makes itself.
 - `cgroup.kill` (0200): writing "1" SIGKILLs every process with a task in the
   subtree (kstrtoint after whitespace stripping: other integers ERANGE,
-  non-numbers EINVAL, as cgroup v2).
+  non-numbers EINVAL, as cgroup v2), and every process they forked that the
+  tracker has not placed yet: each is SIGSTOPped first, so that its children
+  can all be found (`stop_and_kill`).
 
 The flag lives here and not on Container so that the core model stays
 cgroup v1's; `Extended.of(registry)` finds the one store of a registry.
@@ -49,6 +51,10 @@ AUTO_DELETE = "cgroup.auto_delete"
 KILL_TIMEOUT = 10.0
 #: the first and the longest pause between two sweeps
 KILL_PAUSE = (0.002, 0.05)
+#: how long a sweep waits for the processes it stopped to be seen stopped
+STOP_WAIT = 0.5
+#: the pause between two looks at processes not yet seen stopped
+STOP_POLL = 0.001
 
 Publish = Callable[..., Any]
 
@@ -57,9 +63,9 @@ class Extended(Listener):
     """The state and background work behind the extended files of one registry.
 
     It remembers which containers carry the auto-delete flag (and copies the
-    flag to new children), and it finishes what a cgroup.kill write starts:
-    the write signals every process known at that moment, and `run` keeps
-    sweeping until the subtree is empty, killing what was forked meanwhile.
+    flag to new children), and it carries out what a cgroup.kill write
+    starts: `run` sweeps the subtree until it is empty, each sweep stopping,
+    then killing, the processes it finds and every descendant they forked.
     """
 
     def __init__(
@@ -73,8 +79,8 @@ class Extended(Listener):
         self.kill_timeout = kill_timeout
         #: serials of the containers whose auto-delete flag is set
         self.auto_delete: set[int] = set()
-        #: serial -> pids already signalled, for every subtree a kill is still sweeping
-        self._killing: dict[int, set[int]] = {}
+        #: serials of the containers whose subtree a kill is still sweeping
+        self._killing: set[int] = set()
         self._kills_in, self._kills_out = trio.open_memory_channel[Container](math.inf)
 
     @classmethod
@@ -102,15 +108,15 @@ class Extended(Listener):
     # -------------------------------------------------------------------- kill
 
     def kill(self, c: Container) -> None:
-        """Signal every process of the subtree now; sweep again until it is empty."""
-        started = time.monotonic()
-        signalled = self._killing.get(c.serial, set())
-        killed = self._sweep(c, signalled)
-        log.info("cgroup.kill of %d:%s: %d processes signalled", c.hierarchy.id, c.path, killed)
-        if not c.populated:
-            self._finished(c, started, 0)
-        elif c.serial not in self._killing:
-            self._killing[c.serial] = signalled
+        """Start sweeping `c`'s subtree until it is empty (a write's part of cgroup.kill).
+
+        The signals go from a worker thread, never from the write: stopping
+        a process means waiting until it is seen stopped, and a process in
+        the middle of a request to this very filesystem stops only once the
+        daemon answered it. A second write while a sweep runs adds nothing.
+        """
+        if c.serial not in self._killing:
+            self._killing.add(c.serial)
             self._kills_in.send_nowait(c)
 
     def _targets(self, c: Container) -> dict[int, int | None]:
@@ -125,17 +131,17 @@ class Extended(Listener):
                     targets[task.tgid] = leader.start_time if leader is not None else None
         return targets
 
-    def _sweep(self, c: Container, signalled: set[int]) -> int:
-        """Signal the subtree's processes not yet in `signalled`; return how many were."""
-        count = 0
-        for tgid, start in self._targets(c).items():
-            if tgid in signalled:
-                continue
-            signalled.add(tgid)
-            if _kill(tgid, start):
-                count += 1
-                self._announce(c, tgid)
-        return count
+    def _outside(self, targets: dict[int, int | None]) -> dict[int, int | None]:
+        """tgid -> start time (None when unknown) of every known process not in `targets`.
+
+        A descendant of a target that is one of these was moved out of the
+        subtree (a fork inherits its parent's container): the sweep spares it.
+        """
+        outside: dict[int, int | None] = {}
+        for tgid in self.registry.threads.keys() - targets.keys():
+            leader = self.registry.tasks.get(tgid)
+            outside[tgid] = leader.start_time if leader is not None else None
+        return outside
 
     def _announce(self, c: Container, pid: int) -> None:
         if self.publish is not None:
@@ -145,21 +151,22 @@ class Extended(Listener):
         """Sweep `c` until its subtree is empty, or until the timeout."""
         started = time.monotonic()
         deadline = started + self.kill_timeout
-        signalled = self._killing[c.serial]
+        #: (pid, start time) of every process a sweep dealt with: a pid reused
+        #: by a new process of the subtree is another key, and is killed too
+        done: set[tuple[int, int]] = set()
         killed = 0
         pause = KILL_PAUSE[0]
         try:
-            while not c.removed and c.populated:
+            while not c.removed:
                 targets = self._targets(c)
                 if not c.populated:
                     break
-                # a process that exited can come back as a new one with the same pid
-                signalled &= targets.keys()
-                fresh = {p: s for p, s in targets.items() if p not in signalled}
-                signalled.update(fresh)
-                for pid in await trio.to_thread.run_sync(_kill_all, fresh):
+                outside = self._outside(targets)
+                tried, hit = await trio.to_thread.run_sync(stop_and_kill, targets, done, outside)
+                done |= tried
+                for pid, _start in hit:
                     self._announce(c, pid)
-                    killed += 1
+                killed += len(hit)
                 if targets.keys() <= signals.PROTECTED:
                     log.warning(
                         "cgroup.kill of %d:%s: only protected processes remain: %s",
@@ -178,18 +185,15 @@ class Extended(Listener):
                     return
                 await trio.sleep(pause)
                 pause = min(pause * 2, KILL_PAUSE[1])
-            self._finished(c, started, killed)
+            log.info(
+                "cgroup.kill of %d:%s: subtree empty after %.1f ms (%d processes killed)",
+                c.hierarchy.id,
+                c.path,
+                (time.monotonic() - started) * 1000,
+                killed,
+            )
         finally:
-            self._killing.pop(c.serial, None)
-
-    def _finished(self, c: Container, started: float, killed: int) -> None:
-        log.info(
-            "cgroup.kill of %d:%s: subtree empty after %.1f ms (%d more processes killed)",
-            c.hierarchy.id,
-            c.path,
-            (time.monotonic() - started) * 1000,
-            killed,
-        )
+            self._killing.discard(c.serial)
 
     async def run(self) -> None:
         """Finish every kill a write started, each in its own task."""
@@ -198,19 +202,82 @@ class Extended(Listener):
                 nursery.start_soon(self._follow, c)
 
 
-def _kill(pid: int, start: int | None) -> bool:
-    """SIGKILL one process through a pidfd, checking its identity by start time."""
-    if start is None:
-        info = procscan.read_task(pid)
-        if info is None:
-            return False
-        start = info.start_time
-    return signals.signal_process(pid, signal.SIGKILL, start)
+def stop_and_kill(
+    targets: dict[int, int | None],
+    done: set[tuple[int, int]],
+    outside: dict[int, int | None],
+) -> tuple[set[tuple[int, int]], list[tuple[int, int]]]:
+    """Worker-thread half of a sweep: (pid, start) of the processes it dealt with, and killed.
+
+    Killing a parent first would let the children it forked since the
+    tracker last looked (all of them, without netlink) be reparented to init
+    and escape. So every target is stopped first, and once it is seen
+    stopped its children list is complete (a stopped process forks no more):
+    those children are stopped in turn, generation after generation, and
+    only then is everyone SIGKILLed. A child the registry places outside the
+    subtree (`outside`) was moved out and is neither stopped nor killed;
+    processes in `done` were killed by an earlier sweep and are dying.
+
+    Every signal goes through `signals` (pidfd, start time checked, never a
+    protected process), with the start time read before the stop: a process
+    that could not be stopped is never killed here, and one that was stopped
+    is the one the kill then reaches, or it is gone. The kill comes in a
+    `finally`, so an error cannot leave a stopped process behind either.
+    """
+    tried: set[tuple[int, int]] = set()
+    stopped: dict[int, int] = {}
+    try:
+        generation = targets
+        while generation:
+            fresh = []
+            for pid, start in generation.items():
+                info = procscan.read_task(pid)
+                if info is None or (start is not None and info.start_time != start):
+                    continue  # gone, or the pid is another process's now
+                key = (pid, info.start_time)
+                if key in done or key in tried or _moved_out(outside, *key):
+                    continue
+                tried.add(key)
+                if signals.signal_process(pid, signal.SIGSTOP, info.start_time):
+                    stopped[pid] = info.start_time
+                    fresh.append(pid)
+            _wait_stopped(fresh)
+            children = set().union(*map(procscan.process_children, fresh))
+            generation = dict.fromkeys(children - stopped.keys())
+    finally:
+        hit: list[tuple[int, int]] = []
+        for pid, start in stopped.items():
+            try:  # one failure must not leave the others stopped
+                if signals.signal_process(pid, signal.SIGKILL, start):
+                    hit.append((pid, start))
+            except OSError as exc:
+                log.error("cgroup.kill: cannot kill stopped process %d: %s", pid, exc)
+    return tried, hit
 
 
-def _kill_all(targets: dict[int, int | None]) -> list[int]:
-    """Worker-thread half of a sweep: the pids that were signalled."""
-    return [pid for pid, start in targets.items() if _kill(pid, start)]
+def _moved_out(outside: dict[int, int | None], pid: int, start: int) -> bool:
+    """Whether the registry places this very process outside the subtree.
+
+    Its start time must match when the registry has one: an entry the
+    tracker has not yet dropped may name an earlier process with that pid.
+    """
+    return pid in outside and outside[pid] in (None, start)
+
+
+def _wait_stopped(pids: list[int]) -> None:
+    """Wait until every process of `pids` is seen stopped, for at most STOP_WAIT.
+
+    A process in uninterruptible sleep stops only when it wakes; its
+    children forked meanwhile are then left to the next sweep, which finds
+    them if the tracker does (with netlink, always).
+    """
+    deadline = time.monotonic() + STOP_WAIT
+    pending = pids
+    while pending:
+        pending = [pid for pid in pending if not procscan.process_stopped(pid)]
+        if not pending or time.monotonic() > deadline:
+            return
+        time.sleep(STOP_POLL)
 
 
 # ------------------------------------------------------------------- files

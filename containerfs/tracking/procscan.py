@@ -15,6 +15,9 @@ PF_NO_SETAFFINITY = 0x04000000
 
 #: states of a task that has exited but is not yet (or no longer) visible as gone
 _DEAD_STATES = frozenset({"Z", "X"})
+#: what thread_state gives for a thread that cannot run: stopped, traced-stopped,
+#: dead, or gone (None)
+_NOT_RUNNING_STATES = frozenset({"T", "t", None}) | _DEAD_STATES
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,43 @@ def process_threads(tgid: int, proc: str = "/proc") -> list[int]:
     return sorted(_list_numeric(f"{proc}/{tgid}/task"))
 
 
+def thread_state(tgid: int, tid: int, proc: str = "/proc") -> str | None:
+    """The state letter of one thread (/proc/TGID/task/TID/stat field 3), None if gone."""
+    text = _read_bytes(f"{proc}/{tgid}/task/{tid}/stat")
+    return chr(text[text.rindex(b")") + 2]) if text else None
+
+
+def thread_children(tgid: int, tid: int, proc: str = "/proc") -> list[int]:
+    """The processes one thread forked that still live (CONFIG_PROC_CHILDREN).
+
+    The list is exact once the thread is stopped, which is when it matters:
+    a child forked just before the stop, that the tracker has not placed yet
+    (a /proc scan without netlink), is found here and nowhere else.
+    """
+    text = _read_bytes(f"{proc}/{tgid}/task/{tid}/children")
+    return [int(pid) for pid in text.split()] if text else []
+
+
+def process_stopped(tgid: int, proc: str = "/proc") -> bool:
+    """True once no thread of the process can run: each is stopped, traced-stopped or dead.
+
+    A process that is gone counts as stopped: it forks no more either.
+    """
+    return all(
+        thread_state(tgid, tid, proc) in _NOT_RUNNING_STATES
+        for tid in _list_numeric(f"{proc}/{tgid}/task")
+    )
+
+
+def process_children(tgid: int, proc: str = "/proc") -> set[int]:
+    """The live children of every thread of a process (each child is listed under its forker)."""
+    return {
+        child
+        for tid in _list_numeric(f"{proc}/{tgid}/task")
+        for child in thread_children(tgid, tid, proc)
+    }
+
+
 # ----------------------------------------------------------------- helpers
 
 
@@ -153,6 +193,15 @@ def _read_text(path: str, dir_fd: int | None = None) -> str | None:
         os.close(fd)
     # An empty read means the task died after open.
     return data.decode("utf-8", "surrogateescape") if data else None
+
+
+def _read_bytes(path: str) -> bytes:
+    """A whole small /proc file (up to 64 KiB: a children list can be long), b"" if gone."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(65536)
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 def _status_field(status: str, key: str) -> list[str] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -10,8 +11,14 @@ import subprocess
 import sys
 
 import pytest
+import trio
 
-from tests.conftest import read_ids, wait_for, write
+from containerfs import control
+from containerfs.core.extended import Extended
+from containerfs.core.options import parse_options
+from containerfs.core.registry import Registry
+from containerfs.tracking import procscan
+from tests.conftest import CLI, Containerfs, fuse_available, read_ids, wait_for, write
 from tests.integration.test_release import empty_into, recorded, recorder, set_agent
 
 EXTENDED = {"cgroup.auto_delete": 0o644, "cgroup.events": 0o444, "cgroup.kill": 0o200}
@@ -137,7 +144,16 @@ spawn & spawn & spawn
 """
 
 
-def test_kill_empties_a_container_whose_processes_keep_forking(ext, procs):
+@pytest.fixture(params=["auto", "scan"])
+def ext_any(request):
+    """An extended view under each tracker: netlink (where allowed), and /proc scans only."""
+    cfs = request.getfixturevalue("cfs" if request.param == "auto" else "cfs_scan")
+    return cfs.mount("none,name=ext,extended")
+
+
+def test_kill_empties_a_container_whose_processes_keep_forking(ext_any, procs):
+    """Without netlink the registry lags the forks by up to a scan; none may escape."""
+    ext = ext_any
     (ext / "bomb").mkdir()
     starter = procs.spawn(
         "sh",
@@ -145,17 +161,61 @@ def test_kill_empties_a_container_whose_processes_keep_forking(ext, procs):
         f"echo $$ > {ext}/bomb/cgroup.procs; exec sh -c '{FORKER}'",
         start_new_session=True,
     )
-    wait_for(lambda: len(read_ids(ext / "bomb" / "cgroup.procs")) > 50, timeout=30)
-    assert write(ext / "bomb" / "cgroup.kill", b"1") == 0
-    wait_for(lambda: read_ids(ext / "bomb" / "cgroup.procs") == [], timeout=30)
-    assert (ext / "bomb" / "cgroup.events").read_bytes() == b"populated 0\n"
-    starter.wait(timeout=10)
-    # nothing left anywhere that the forkers started
-    leftovers = subprocess.run(
-        ["pgrep", "-f", "sleep 1000"], capture_output=True, text=True
-    ).stdout.split()
-    assert [p for p in leftovers if _session(int(p)) == starter.pid] == []
-    (ext / "bomb").rmdir()
+    try:
+        wait_for(lambda: len(read_ids(ext / "bomb" / "cgroup.procs")) > 50, timeout=30)
+        assert write(ext / "bomb" / "cgroup.kill", b"1") == 0
+        wait_for(lambda: read_ids(ext / "bomb" / "cgroup.procs") == [], timeout=30)
+        assert (ext / "bomb" / "cgroup.events").read_bytes() == b"populated 0\n"
+        starter.wait(timeout=10)
+        # nothing left anywhere that the forkers started (orphans would be in the root)
+        wait_for(lambda: _in_session(starter.pid) == [], timeout=10)
+        (ext / "bomb").rmdir()
+    finally:
+        for pid in _in_session(starter.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _in_session(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`."""
+    return [
+        int(pid)
+        for pid in os.listdir("/proc")
+        if pid.isdigit() and _session(int(pid)) == sid and _state(int(pid)) not in ("Z", "X")
+    ]
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def test_kill_spares_a_child_moved_out_of_the_subtree(ext_any, procs):
+    """A descendant the registry knows to be elsewhere is neither killed nor left stopped."""
+    ext = ext_any
+    (ext / "a").mkdir()
+    (ext / "b").mkdir()
+    parent = procs.spawn(
+        "sh",
+        "-c",
+        f"echo $$ > {ext}/a/cgroup.procs; sleep 1000 & echo $!; wait",
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    child = int(parent.stdout.readline())
+    try:
+        move(ext / "b", child)
+        assert read_ids(ext / "a" / "cgroup.procs") == [parent.pid]
+        assert write(ext / "a" / "cgroup.kill", b"1") == 0
+        assert parent.wait(timeout=10) == -signal.SIGKILL
+        wait_for(lambda: read_ids(ext / "a" / "cgroup.procs") == [], timeout=10)
+        assert _state(child) == "S"  # alive, and never stopped
+        assert read_ids(ext / "b" / "cgroup.procs") == [child]
+    finally:
+        os.kill(child, signal.SIGKILL)  # reparented to init, which reaps it
 
 
 def _session(pid: int) -> int | None:
@@ -243,3 +303,114 @@ def test_auto_delete_survives_a_restart(cfs, ext, procs):
     p.kill()
     p.wait()
     wait_for(lambda: not (ext / "a").exists(), timeout=30)
+
+
+def spawn_with_pid(procs, pid: int) -> subprocess.Popen | None:
+    """A sleeper that gets `pid` again (through ns_last_pid); None if other forks keep winning."""
+    for _ in range(100):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        p = procs.sleeper()
+        if p.pid == pid:
+            return p
+        p.kill()
+        p.wait()
+    return None
+
+
+def test_kill_does_not_skip_a_pid_reused_inside_the_subtree(procs):
+    """A sweep remembers the processes it killed by pid and start time.
+
+    The core runs in this process, without a tracker, so the test plays a
+    tracker that is late: the killed sleeper stays in the registry while the
+    sweeps go on, then its pid is reused by a new sleeper inside the
+    subtree, and the tracker replaces the one by the other. Keyed by pid
+    alone, the sweeps would skip the new process until they gave up.
+    """
+    reg = Registry()
+    h, _ = reg.mount(parse_options(["none", "name=reuse", "extended"], reg.subsystems))
+    a = reg.mkdir(h.root, "a", uid=0, gid=0, mode=0o755)
+    store = Extended(reg, kill_timeout=30)
+    reg.listeners.append(store)
+    first = procs.sleeper()
+    info = procscan.read_task(first.pid)
+    assert info is not None
+    reg.add_task(first.pid, first.pid, start_time=info.start_time, placement={h.id: a})
+    second = None
+
+    async def scenario() -> None:
+        nonlocal second
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.run)
+            store.kill(a)
+            assert await trio.to_thread.run_sync(lambda: first.wait(timeout=10)) == -signal.SIGKILL
+            await trio.sleep(0.05)  # start times count 10 ms ticks: the two must differ
+            second = spawn_with_pid(procs, first.pid)
+            if second is not None:
+                again = procscan.read_task(second.pid)
+                assert again is not None and again.start_time != info.start_time
+                reg.remove_task(first.pid)
+                reg.add_task(
+                    second.pid, second.pid, start_time=again.start_time, placement={h.id: a}
+                )
+                await trio.to_thread.run_sync(lambda: second.wait(timeout=10))
+                reg.remove_task(second.pid)  # what the tracker does at the exit
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+    if second is None:
+        pytest.skip("other processes kept taking the pid")
+    assert second.returncode == -signal.SIGKILL
+
+
+#: runs the daemon as its child and waits: the daemon's parent is protected
+WRAPPER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+
+
+def test_kill_never_stops_what_it_may_not_kill(workdir, procs):
+    """A protected process in the subtree is neither killed nor left stopped.
+
+    Stopping comes before killing, so a process the kill refuses must be one
+    the stop refused too: here the daemon's parent, which a sweep sees in
+    the subtree beside a sleeper.
+    """
+    why = fuse_available()
+    if why:
+        pytest.skip(why)
+    rt = workdir / "rt"
+    rt.mkdir()
+    cfs = Containerfs(rt)
+    with open(rt / "daemon.stderr", "wb") as log:
+        cfs.daemon = subprocess.Popen(
+            [sys.executable, "-c", WRAPPER, *CLI, "--runtime-dir", str(rt), "daemon", "-f"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            cwd="/",
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: _answers(cfs), timeout=20)
+        ext = cfs.mount("none,name=ext,extended")
+        (ext / "a").mkdir()
+        sleeper = procs.sleeper()
+        move(ext / "a", cfs.daemon.pid)
+        move(ext / "a", sleeper.pid)
+        assert write(ext / "a" / "cgroup.kill", b"1") == 0
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+        wait_for(lambda: read_ids(ext / "a" / "cgroup.procs") == [cfs.daemon.pid], timeout=10)
+        log = rt / "daemon.log"
+        wait_for(lambda: "only protected processes remain" in log.read_text(), timeout=10)
+        assert _state(cfs.daemon.pid) == "S"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(cfs.daemon.pid, signal.SIGCONT)
+        cfs.close()
+
+
+def _answers(cfs: Containerfs) -> bool:
+    try:
+        cfs.request({"op": "ping"})
+    except (OSError, control.ControlError):
+        return False
+    return True

@@ -378,6 +378,30 @@ def test_a_thousand_releases_at_once_all_run_at_most_n_at_a_time(workdir, daemon
     assert zombies_of(cfs.daemon.pid) == []
 
 
+def test_an_agent_that_cannot_start_is_logged_with_its_duration(workdir, cfs, procs):
+    view = cfs.mount("none,name=noexec")
+    missing = workdir / "missing-agent"
+    not_executable = workdir / "plain-file"
+    not_executable.write_text("#!/bin/sh\n")
+    assert write(view / "notify_on_release", b"1") == 0
+    for failed, (name, agent) in enumerate((("m", missing), ("n", not_executable)), 1):
+        set_agent(view, agent)  # read at launch: one run at a time
+        (view / name).mkdir()
+        empty_into(view / name, procs)
+        wait_for(lambda n=failed: cfs.stats()["release"]["failed"] == n, timeout=30)
+    log = (cfs.rt / "daemon.log").read_text()
+    for name, agent, error in (
+        ("m", missing, "No such file or directory"),
+        ("n", not_executable, "Permission denied"),
+    ):
+        assert re.search(
+            rf"release agent {re.escape(str(agent))} /{name} failed to start in \d+ ms: .*{error}",
+            log,
+        ), log
+    stats = cfs.stats()["release"]
+    assert stats["started"] == 0 and stats["running"] == 0 and stats["pending"] == 0
+
+
 def test_only_root_sets_the_agent(workdir, cfs):
     open_up(workdir)
     view = cfs.mount("none,name=perm")
