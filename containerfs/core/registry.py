@@ -52,6 +52,8 @@ class ProcSource(Protocol):
 
     def is_unmovable(self, facts: TaskFacts) -> bool: ...
 
+    def has_sys_admin(self, tid: int) -> bool: ...
+
 
 class Listener:
     """Hears about changes. Every method is a no-op here; override what you need."""

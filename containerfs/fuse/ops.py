@@ -31,36 +31,6 @@ from containerfs.fuse.inodes import TOP_INODE, FileNames, dir_inode, file_inode,
 
 log = logging.getLogger(__name__)
 
-#: The capability bit release_agent needs (linux/capability.h).
-CAP_SYS_ADMIN = 21
-
-
-def _user_ns(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def has_sys_admin(tid: int, own_user_ns: tuple[int, int]) -> bool:
-    """Whether thread `tid` holds CAP_SYS_ADMIN, effective, in the daemon's user namespace.
-
-    Capabilities are per thread, so this reads the thread's own status. The
-    kernel wants the capability in the initial user namespace: the root of a
-    user namespace of its own has every bit of CapEff, but only over that
-    namespace, so a thread in another user namespace than the daemon's does
-    not count. A thread gone meanwhile holds nothing.
-    """
-    try:
-        if _user_ns(f"/proc/{tid}/ns/user") != own_user_ns:
-            return False
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
-
-
 #: How long the kernel may cache names and attributes. Changes made through
 #: the kernel invalidate its cache at once; this bounds how long a change the
 #: daemon makes by itself (auto-delete, a rename via another view) can lag.
@@ -124,7 +94,6 @@ class Operations(pyfuse3.Operations):
         self._fh = itertools.count(1)
         now = time.time_ns()
         self.top = Attrs(stat.S_IFDIR | 0o755, 0, 0, now, now, now)
-        self.user_ns = _user_ns("/proc/self/ns/user")
 
     # ---------------------------------------------------------------- lookup
 
@@ -357,7 +326,7 @@ class Operations(pyfuse3.Operations):
             # learn the opener now: its `0` writes and its own listing need it
             self.registry.known_task(ctx.pid)
         # capabilities cost a /proc read, so only the few files that check them learn them
-        sys_admin = has_sys_admin(ctx.pid, self.user_ns) if cf.needs_caps else None
+        sys_admin = self.registry.proc.has_sys_admin(ctx.pid) if cf.needs_caps else None
         fh = next(self._fh)
         self.handles[fh] = Handle(c, name, cf, Caller(ctx.uid, ctx.gid, ctx.pid, sys_admin))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)

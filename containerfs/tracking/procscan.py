@@ -212,3 +212,34 @@ def _status_field(status: str, key: str) -> list[str] | None:
         if line.startswith(key):
             return line[len(key) :].split()
     return None
+
+
+#: The capability bit release_agent needs (linux/capability.h).
+CAP_SYS_ADMIN = 21
+
+
+def user_ns(path: str) -> tuple[int, int]:
+    """A user namespace's identity (device, inode) from its /proc/.../ns/user link."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def has_sys_admin(tid: int, own_user_ns: tuple[int, int], proc: str = "/proc") -> bool:
+    """Whether thread `tid` holds CAP_SYS_ADMIN, effective, in the daemon's user namespace.
+
+    Capabilities are per thread, so this reads the thread's own status. The
+    kernel wants the capability in the initial user namespace: the root of a
+    user namespace of its own has every bit of CapEff, but only over that
+    namespace, so a thread in another user namespace than the daemon's does
+    not count. A thread gone meanwhile holds nothing.
+    """
+    try:
+        if user_ns(f"{proc}/{tid}/ns/user") != own_user_ns:
+            return False
+        with open(f"{proc}/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False

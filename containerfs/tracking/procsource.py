@@ -12,6 +12,7 @@ class LiveProc:
 
     def __init__(self, proc: str = "/proc") -> None:
         self.proc = proc
+        self.own_user_ns = procscan.user_ns(f"{proc}/self/ns/user")
 
     def read_task(self, tid: int) -> procscan.TaskInfo | None:
         return procscan.read_task(tid, self.proc)
@@ -24,3 +25,6 @@ class LiveProc:
 
     def is_unmovable(self, facts: procscan.TaskInfo) -> bool:
         return procscan.is_unmovable_kthread(facts)
+
+    def has_sys_admin(self, tid: int) -> bool:
+        return procscan.has_sys_admin(tid, self.own_user_ns, self.proc)
