@@ -20,13 +20,14 @@ ancestry, as the kernel would have.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from containerfs.core.container import Attrs, Container
 from containerfs.core.files import Caller
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 ROOT = Caller(0, 0, 0)
 MIN_COMPACT = 10_000
+#: one record per line; ids as keys become strings, as JSON has it
+_LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 #: Tests only: compact after this many records, so a crash loop kills compactions too.
 COMPACT_ENV = "CONTAINERFS_COMPACT_EVERY"
 
@@ -178,8 +181,8 @@ def _read_lines(path: Path) -> Iterator[dict]:
         if not line:
             continue
         try:
-            yield json.loads(line)
-        except ValueError:
+            yield orjson.loads(line)
+        except orjson.JSONDecodeError:
             log.warning("ignoring a torn journal line in %s", path)
 
 
@@ -313,7 +316,7 @@ class Journal(Listener):
     # -------------------------------------------------------------- writing
 
     def _append(self, rec: dict) -> None:
-        os.write(self.fd, json.dumps(rec, separators=(",", ":")).encode() + b"\n")
+        os.write(self.fd, orjson.dumps(rec, option=_LINE))
         self.records += 1
         self.writes += 1
         if self.records > (self.compact_every or max(MIN_COMPACT, 2 * self._size())):
@@ -336,11 +339,11 @@ class Journal(Listener):
             lines.append(task_record(task))
         tmp = self.dir / "snapshot.new"
         with open(tmp, "wb") as f:
-            f.write(b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in lines))
+            f.write(b"".join(orjson.dumps(r, option=_LINE) for r in lines))
         os.replace(tmp, self.dir / "snapshot")
         fd = os.open(self.dir / "journal.new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
                      0o600)
-        os.write(fd, json.dumps({"gen": gen}).encode() + b"\n")
+        os.write(fd, orjson.dumps({"gen": gen}, option=_LINE))
         os.replace(self.dir / "journal.new", self.dir / "journal")
         if self.fd >= 0:
             os.close(self.fd)
