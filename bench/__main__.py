@@ -152,6 +152,8 @@ def targets(results: dict) -> list[dict]:
                     "met": r <= FLAT,
                 }
             )
+    for name in EXTRAS:  # a helper module may state targets of its own issue
+        out += results.get(name, {}).get("targets", [])
     idle = results.get("daemon", {}).get("daemon", {}).get("idle")
     if idle:
         out.append(
