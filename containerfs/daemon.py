@@ -33,7 +33,7 @@ from containerfs.events import EventStream
 from containerfs.fuse.ops import Operations
 from containerfs.release import DEFAULT_AGENT_TIMEOUT, DEFAULT_MAX_AGENTS, ReleaseRunner
 from containerfs.runtime import Runtime
-from containerfs.subsys import AVAILABLE
+from containerfs.subsys import AVAILABLE, virt
 from containerfs.subsys.virt import view_root
 from containerfs.tracking.tracker import Tracker
 
@@ -333,11 +333,16 @@ class Daemon:
         self._require_root(peer, "mount containerfs")
         opts = parse_options(msg["options"], self.registry.subsystems)
         h, created = self.registry.mount(opts)
+        # virt: a process inside a locked container sees that container as the root,
+        # and may not set the release agent (run as root on the host) even where a
+        # reusing mount would ignore it
+        root = view_root(h, peer.pid)
+        if opts.release_agent is not None and not root.is_root:
+            raise CgroupError(errno.EPERM, f"a task confined to {root.path} cannot set "
+                              "release_agent")
         self.had_hierarchy = True
         if created:
             log.info("created hierarchy %d (%s)", h.id, h.label or "no subsystems")
-        # virt: a process inside a locked container sees that container as the root
-        root = view_root(h, self.registry.known_task(peer.pid))
         return {
             "hierarchy": h.id,
             "path": str(self.rt.hierarchy_dir(h.id)) + (root.path if not root.is_root else ""),
@@ -353,6 +358,10 @@ class Daemon:
         h = next((h for h in self.registry.hierarchies.values() if target in h.views), None)
         if h is None:
             raise CgroupError(errno.EINVAL, f"{target} is not a view of a containerfs hierarchy")
+        # virt: a confined process could unbind virt or set the host's release agent
+        top = virt.confinement(h, peer.pid)
+        if top is not None:
+            raise CgroupError(errno.EPERM, f"a task confined to {top.path} cannot remount")
         opts = parse_options(msg["options"], self.registry.subsystems)
         if opts.name is not None and opts.name != h.name:
             raise CgroupError(errno.EINVAL, "a hierarchy's name cannot change on remount")
@@ -399,10 +408,23 @@ class Daemon:
         }
 
     async def op_membership(self, msg: dict, peer: Peer, stream: Any) -> dict:
+        """/proc/PID/cgroup's lines; paths seen from the asker's virt-locked container.
+
+        A confined asker must not learn the names above its container, as a
+        reader inside a cgroup namespace does not.
+        """
         tid = int(msg["pid"])
+        rows = procfiles.membership_rows(self.registry, tid)
+        task = self.registry.known_task(tid)
+        assert task is not None  # membership_rows found it
+        for row in rows:
+            h = self.registry.hierarchies[row["hierarchy"]]
+            top = virt.confinement(h, peer.pid)
+            if top is not None:
+                row["path"] = virt.relative_path(task.cgroups[h.id], top)
         return {
-            "text": procfiles.proc_pid_cgroup(self.registry, tid),
-            "rows": procfiles.membership_rows(self.registry, tid),
+            "text": "".join("{hierarchy}:{controllers}:{path}\n".format(**row) for row in rows),
+            "rows": rows,
         }
 
     async def op_events(self, msg: dict, peer: Peer, stream: trio.SocketStream) -> None:

@@ -23,25 +23,37 @@ _SYS_PIDFD_SEND_SIGNAL = 424
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _ancestry(pid: int) -> set[int]:
-    pids: set[int] = set()
-    while pid > 0 and pid not in pids:
-        pids.add(pid)
+def _ancestry(pid: int) -> set[tuple[int, int]]:
+    """(pid, start time) of `pid` and every process above it."""
+    found: set[tuple[int, int]] = set()
+    seen: set[int] = set()
+    while pid > 0 and pid not in seen:
+        seen.add(pid)
         info = procscan.read_task(pid)
-        pid = info.ppid if info else 0
-    return pids
+        if info is None:
+            break
+        found.add((pid, info.start_time))
+        pid = info.ppid
+    return found
 
 
-#: the daemon and every process above it, fixed at start-up (they cannot change)
-PROTECTED: frozenset[int] = frozenset(_ancestry(os.getpid()) | {1})
+#: the daemon and every process above it at start-up, by (pid, start time): an
+#: ancestor can only exit, never be replaced
+PROTECTED: frozenset[tuple[int, int]] = frozenset(_ancestry(os.getpid()))
+
+
+def _protected(pid: int, info: procscan.TaskInfo) -> bool:
+    return pid <= 1 or (pid, info.start_time) in PROTECTED or bool(
+        info.flags & procscan.PF_KTHREAD
+    )
 
 
 def is_protected(pid: int) -> bool:
-    """True for the daemon, its ancestors, pid 1 and kernel threads."""
-    if pid in PROTECTED or pid <= 1:
+    """True for the daemon, its ancestors (the very processes), pid 1 and kernel threads."""
+    if pid <= 1:
         return True
     info = procscan.read_task(pid)
-    return info is not None and bool(info.flags & procscan.PF_KTHREAD)
+    return info is not None and _protected(pid, info)
 
 
 def pidfd_send_signal(pidfd: int, sig: int) -> None:
@@ -57,8 +69,8 @@ def signal_process(pid: int, sig: int, start_time: int | None = None) -> bool:
     says both whether it may be signalled and whether it is still the one
     that started at `start_time` (a reused pid is left alone).
     """
-    if pid in PROTECTED or pid <= 1:
-        log.warning("refusing to send %s to protected pid %d", signal.Signals(sig).name, pid)
+    if pid <= 1:
+        log.warning("refusing to send %s to pid %d", signal.Signals(sig).name, pid)
         return False
     try:
         pidfd = os.pidfd_open(pid)
@@ -70,8 +82,9 @@ def signal_process(pid: int, sig: int, start_time: int | None = None) -> bool:
         info = procscan.read_task(pid)
         if info is None or (start_time is not None and info.start_time != start_time):
             return False
-        if info.flags & procscan.PF_KTHREAD:
-            log.warning("refusing to send %s to kernel thread %d", signal.Signals(sig).name, pid)
+        if _protected(pid, info):
+            log.warning("refusing to send %s to protected pid %d (daemon, ancestor, kernel "
+                        "thread)", signal.Signals(sig).name, pid)
             return False
         pidfd_send_signal(pidfd, sig)
         return True

@@ -167,7 +167,7 @@ class Extended(Listener):
                 for pid, _start in hit:
                     self._announce(c, pid)
                 killed += len(hit)
-                if targets.keys() <= signals.PROTECTED:
+                if all(signals.is_protected(pid) for pid in targets):
                     log.warning(
                         "cgroup.kill of %d:%s: only protected processes remain: %s",
                         c.hierarchy.id,

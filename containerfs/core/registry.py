@@ -20,7 +20,6 @@ from containerfs.core.hierarchy import Hierarchy
 from containerfs.core.options import MountOptions
 from containerfs.core.task import Task
 from containerfs.errors import CgroupError
-from containerfs.subsys import virt
 
 if TYPE_CHECKING:
     from containerfs.core.subsystem import Subsystem
@@ -672,8 +671,8 @@ class Registry:
             members = [self.tasks[t] for t in sorted(self.threads.get(task.tgid, ()))]
         else:
             members = [task]
-        # a writer inside a virt-locked container moves nothing across its edge
-        virt.check_move(dst, members, caller)
+        for subsys in dst.hierarchy.subsystems:
+            subsys.may_move(dst, members, caller)
         self.move(dst, members)
 
     def move(self, dst: Container, tasks: Sequence[Task]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from containerfs.core.files import ControlFile
+from containerfs.core.files import Caller, ControlFile
 
 if TYPE_CHECKING:
     from containerfs.core.container import Container
@@ -37,6 +37,14 @@ class Subsystem:
 
     def destroy(self, container: Container) -> None:
         """The container is going away; release what its state holds."""
+
+    def may_move(self, dst: Container, tasks: Sequence[Task], caller: Caller) -> None:
+        """Raise CgroupError to refuse a writer's move on the writer's account.
+
+        Called for moves asked through tasks and cgroup.procs only, with the
+        opener (virt confines a writer inside a locked container); can_attach
+        judges every move, whoever asked.
+        """
 
     def can_attach(self, dst: Container, tasks: Sequence[Task]) -> None:
         """Raise CgroupError to refuse moving `tasks` into `dst`."""

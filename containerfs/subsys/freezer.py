@@ -32,6 +32,7 @@ from containerfs.core.files import Caller, ControlFile, Placement
 from containerfs.core.parse import ParseError, strip
 from containerfs.core.subsystem import Subsystem
 from containerfs.tracking import procscan
+from containerfs.tracking.procscan import thread_children, thread_state
 
 if TYPE_CHECKING:
     from containerfs.core.container import Container
@@ -47,7 +48,8 @@ STOPPED_STATES = frozenset("Tt")
 DEAD_STATES = frozenset("ZX")
 #: pause between passes while a freezing subtree still has running threads
 FREEZING_INTERVAL = 0.02
-#: how often a frozen subtree is re-checked for processes someone else continued
+#: how often a frozen subtree is re-checked for processes someone else continued (a
+#: read re-checks a subtree of at most READ_CHECK_LIMIT threads itself)
 FROZEN_INTERVAL = 1.0
 #: threads whose state one worker-thread call reads
 BATCH = 512
@@ -69,23 +71,6 @@ class FreezerState:
     frozen: bool = False
 
 
-def thread_state(tgid: int, tid: int) -> str | None:
-    """The state letter of one thread (/proc/TGID/task/TID/stat field 3), None if gone."""
-    text = _read(f"/proc/{tgid}/task/{tid}/stat")
-    return chr(text[text.rindex(b")") + 2]) if text else None
-
-
-def thread_children(tgid: int, tid: int) -> list[int]:
-    """The processes one thread forked that still live (CONFIG_PROC_CHILDREN).
-
-    The list is exact once the thread is stopped, which is when it matters:
-    a child forked just before the stop, that the tracker has not placed yet
-    (a /proc scan without netlink), must not let the container read FROZEN.
-    """
-    text = _read(f"/proc/{tgid}/task/{tid}/children")
-    return [int(pid) for pid in text.split()] if text else []
-
-
 def read_states(
     members: Iterable[tuple[int, int]],
 ) -> tuple[dict[tuple[int, int], str | None], set[int]]:
@@ -99,14 +84,6 @@ def read_states(
         states[member] = thread_state(*member)
         children.update(thread_children(*member))
     return states, children
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(65536)
-    except (FileNotFoundError, ProcessLookupError):
-        return b""
 
 
 def _subsys(c: Container) -> FreezerSubsystem:
@@ -181,12 +158,16 @@ class FreezerSubsystem(Subsystem):
         return any(self.state(node).self_freezing for node in c.ancestors())
 
     def state_of(self, c: Container) -> str:
-        """THAWED, FREEZING or FROZEN, evaluated now as the kernel does on read."""
+        """THAWED, FREEZING or FROZEN, evaluated now as the kernel does on read.
+
+        A small subtree is looked at on every read, FROZEN or not: a member
+        someone continued (kill -CONT) makes this read FREEZING and is
+        stopped again at once, rather than at the next service-loop look.
+        """
         if not self.freezing(c):
             return "THAWED"
         self.registry.refresh(c)
-        if not self.state(c).frozen:
-            self._check_now(c)
+        self._check_now(c)
         return "FROZEN" if self.state(c).frozen else "FREEZING"
 
     def _check_now(self, c: Container) -> None:
@@ -270,20 +251,24 @@ class FreezerSubsystem(Subsystem):
             return
         if signals.signal_process(tgid, signal.SIGSTOP, info.start_time):
             self.stopped[tgid] = info.start_time
-            self.registry.subsystem_changed(self)
+            self.registry.subsystem_changed(self, str(tgid))
 
     def _continue(self, tgid: int) -> None:
         start_time = self.stopped.pop(tgid, None)
         if start_time is not None:
             signals.signal_process(tgid, signal.SIGCONT, start_time)
-            self.registry.subsystem_changed(self)
+            self.registry.subsystem_changed(self, str(tgid))
 
-    def saved(self) -> dict:
-        """The stopped set: a restarted daemon must know what it stopped to thaw it."""
-        return {"stopped": sorted(self.stopped.items())}
+    def saved(self) -> dict[str, int]:
+        """The stopped set, pid -> start time: a restarted daemon must know what it
+        stopped to thaw it."""
+        return {str(pid): start for pid, start in self.stopped.items()}
+
+    def saved_item(self, key: str) -> int | None:
+        return self.stopped.get(int(key))
 
     def restore_saved(self, data: dict) -> None:
-        self.stopped = {int(pid): start for pid, start in data.get("stopped", ())}
+        self.stopped = {int(pid): start for pid, start in data.items()}
 
     # ------------------------------------------------------------ task hooks
 
@@ -360,7 +345,7 @@ class FreezerSubsystem(Subsystem):
             info = procscan.read_task(tgid)
             if info is None or info.start_time != start_time:
                 del self.stopped[tgid]
-                self.registry.subsystem_changed(self)
+                self.registry.subsystem_changed(self, str(tgid))
         for tgid, start_time in list(self._refused.items()):
             info = procscan.read_task(tgid)
             if info is None or info.start_time != start_time:

@@ -8,7 +8,14 @@ container_clone(); such a child removes itself once it is empty.
 
 The namespaces are read from /proc/TID/ns after the event, in a worker
 thread, in batches: a task that changes namespaces and exits within one
-batch period (50 ms) is not cloned.
+batch period (50 ms) is not cloned. Kernel threads are never cloned (some,
+as kdevtmpfs, have a mount namespace of their own).
+
+Across a daemon restart, each clone's namespaces and its removing itself
+are kept (saved(), one item per clone, by path). A task placed back where it
+was (the `restore` hook) is not looked at: it is no fork or exec, and it was
+judged at its last one; a change of namespaces it made while the daemon was
+down is seen at its next fork or exec, as any setns(2) is.
 """
 
 from __future__ import annotations
@@ -18,14 +25,20 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from containerfs.core.container import Container
 from containerfs.core.files import ControlFile
+from containerfs.core.hierarchy import Hierarchy
 from containerfs.core.subsystem import Subsystem
 from containerfs.core.task import Task
 from containerfs.errors import CgroupError
+from containerfs.tracking import procscan
+
+if TYPE_CHECKING:
+    from containerfs.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +67,14 @@ def read_key(tid: int) -> NsKey | None:
     return tuple(key)
 
 
+def read_user_key(tid: int) -> NsKey | None:
+    """read_key() for a user task; None for a kernel thread, which is never cloned."""
+    info = procscan.read_task(tid)
+    if info is None or info.flags & procscan.PF_KTHREAD:
+        return None
+    return read_key(tid)
+
+
 @dataclass
 class NsState:
     #: the namespaces this container stands for
@@ -64,6 +85,11 @@ class NsState:
 
 def _state(c: Container) -> NsState:
     return c.state[NAME]
+
+
+def _item(c: Container) -> str:
+    """A clone's key in saved(): its place, which a restore recreates."""
+    return f"{c.hierarchy.id}:{c.path}"
 
 
 def _read_namespaces(c: Container) -> str:
@@ -87,17 +113,53 @@ class Ns(Subsystem):
     name = NAME
     files = (ControlFile("namespaces", _read_namespaces),)
 
-    def __init__(self, registry) -> None:
+    def __init__(self, registry: Registry) -> None:
         super().__init__(registry)
         #: tids to look at: their namespaces may differ from their container's
         self._pending: set[int] = set()
         #: containers container_clone made, removed once empty
         self._clones: set[Container] = set()
+        #: what saved() last reported, to journal only the clones that changed
+        self._journaled: dict[str, list] = {}
+        #: clones of the saved state by item key, taken back as a restore recreates them
+        self._restoring: dict[str, list] = {}
 
     def create(self, container: Container) -> NsState:
         if container.parent is None:
             return NsState(read_key(os.getpid()))
+        saved = self._restoring.pop(_item(container), None)
+        if saved is not None:
+            key, auto = saved
+            self._clones.add(container)
+            return NsState(tuple(key), auto)
         return NsState(_state(container.parent).key)
+
+    def destroy(self, container: Container) -> None:
+        self._clones.discard(container)
+
+    def saved(self) -> dict[str, Any]:
+        """Each clone's namespaces and auto flag, by "hierarchy id:path".
+
+        Without them a restarted daemon gives a clone its parent's key, so
+        the clone's next fork makes a clone inside it.
+        """
+        return {
+            _item(c): [list(_state(c).key or ()), _state(c).auto]
+            for c in self._clones
+            if not c.removed
+        }
+
+    def restore_saved(self, data: dict[str, Any]) -> None:
+        self._restoring = dict(data)
+        self._journaled = dict(data)
+
+    def _journal(self) -> None:
+        """Journal the clones made, removed or renamed since the last look (one item each)."""
+        now = self.saved()
+        for item in sorted(now.keys() | self._journaled.keys()):
+            if now.get(item) != self._journaled.get(item):
+                self.registry.subsystem_changed(self, item)
+        self._journaled = now
 
     def can_attach(self, dst: Container, tasks: Sequence[Task]) -> None:
         hid = dst.hierarchy.id
@@ -118,12 +180,16 @@ class Ns(Subsystem):
     def exec(self, task: Task, container: Container) -> None:
         self._pending.add(task.tid)
 
-    def unbind(self, hierarchy) -> None:
+    def unbind(self, hierarchy: Hierarchy) -> None:
         super().unbind(hierarchy)
         self._pending.clear()
         self._clones.clear()
+        self._journal()
 
     async def run(self) -> None:
+        # the restore is over: what it did not recreate is gone
+        self._restoring.clear()
+        self._journal()
         while True:
             if self.hierarchy is None:  # unbound: nothing to watch, stay cheap
                 self._pending.clear()
@@ -132,11 +198,14 @@ class Ns(Subsystem):
             await trio.sleep(BATCH)
             if self._pending:
                 batch = [self._pending.pop() for _ in range(min(BATCH_SIZE, len(self._pending)))]
-                keys = await trio.to_thread.run_sync(lambda b=batch: [read_key(t) for t in b])
+                keys = await trio.to_thread.run_sync(
+                    lambda b=batch: [read_user_key(t) for t in b]
+                )
                 for tid, key in zip(batch, keys, strict=True):
                     if key is not None:
                         self._check(tid, key)
             self._remove_empty_clones()
+            self._journal()
 
     def _check(self, tid: int, key: NsKey) -> None:
         h = self.hierarchy

@@ -27,7 +27,7 @@ import os
 import resource
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -175,6 +175,12 @@ def ceiling(fds: Sequence[int], extra: int) -> int:
     return nxt + want - 1
 
 
+def _clamp_item(clamp: Clamp) -> list:
+    """A clamp as the journal keeps it."""
+    return [clamp.start_time, list(clamp.original),
+            list(clamp.applied) if clamp.applied is not None else None]
+
+
 def _cap(value: int, limit: int) -> int:
     return limit if value == resource.RLIM_INFINITY else min(value, limit)
 
@@ -274,6 +280,7 @@ class NumfilesSubsystem(Subsystem):
         parent = self.clamped.get(info.ppid) if info is not None else None
         if info is not None and parent is not None and task.tgid not in self.clamped:
             self.clamped[task.tgid] = Clamp(info.start_time, parent.original)
+            self._journal(task.tgid)
         self._wake.set()
 
     def attach(self, dst: Container, tasks: Sequence[Task], sources: Sequence[Container]) -> None:
@@ -284,6 +291,32 @@ class NumfilesSubsystem(Subsystem):
         self._restore_all()
         self.limited.clear()
         super().unbind(hierarchy)
+
+    # ------------------------------------------------------------ journal
+
+    def saved(self) -> dict[str, Any]:
+        """The clamp set, one item per pid: [start time, original, applied].
+
+        A daemon killed with processes clamped cannot give their limits back;
+        the next one must know what it set, or it would take the clamp for
+        the process's own limit and keep it forever. (`at_ceiling` only
+        keeps numfiles.events from counting twice, and events restart at 0.)
+        """
+        return {str(tgid): _clamp_item(clamp) for tgid, clamp in self.clamped.items()}
+
+    def saved_item(self, key: str) -> Any:
+        clamp = self.clamped.get(int(key))
+        return _clamp_item(clamp) if clamp is not None else None
+
+    def restore_saved(self, data: dict[str, Any]) -> None:
+        self.clamped = {
+            int(tgid): Clamp(start, (original[0], original[1]),
+                             (applied[0], applied[1]) if applied is not None else None)
+            for tgid, (start, original, applied) in data.items()
+        }
+
+    def _journal(self, tgid: int) -> None:
+        self.registry.subsystem_changed(self, str(tgid))
 
     # --------------------------------------------------------- service loop
 
@@ -314,21 +347,31 @@ class NumfilesSubsystem(Subsystem):
             clamp, seen = self.clamped.get(tgid), facts[tgid]
             if clamp is not None and (seen is None or seen.start_time != clamp.start_time):
                 del self.clamped[tgid]
+                self._journal(tgid)
         extra = self._shares(members, facts)
         changes: list[tuple[int, int, Limits]] = []
+        #: clamps dropped: journaled once their limits are given back, not before
+        released: list[int] = []
         for tgid, seen in facts.items():
             if seen is None:
                 continue
             if tgid in extra:
+                before = _clamp_item(self.clamped[tgid]) if tgid in self.clamped else None
                 limits = self._clamp(tgid, seen, extra[tgid])
+                if _clamp_item(self.clamped[tgid]) != before:
+                    self._journal(tgid)
             elif tgid in self.clamped:
                 limits = _own_original(self.clamped.pop(tgid), seen)
+                released.append(tgid)
             else:
                 continue
             if limits != seen.limits:
                 changes.append((tgid, seen.start_time, limits))
         for i in range(0, len(changes), BATCH):
             await trio.to_thread.run_sync(set_limits, changes[i : i + BATCH])
+        for tgid in released:
+            if tgid not in self.clamped:  # not clamped again (a fork hook) meanwhile
+                self._journal(tgid)
 
     def _shares(
         self, members: dict[Container, set[int]], facts: dict[int, ProcFacts | None]
@@ -381,5 +424,8 @@ class NumfilesSubsystem(Subsystem):
             facts = read_facts([tgid])[tgid]
             if facts is not None and facts.start_time == clamp.start_time:
                 changes.append((tgid, clamp.start_time, _own_original(clamp, facts)))
+        had = bool(self.clamped)
         self.clamped.clear()
         set_limits(changes)
+        if had:  # journaled once given back: a crash before must not lose what to give
+            self.registry.subsystem_changed(self)

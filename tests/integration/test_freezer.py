@@ -52,6 +52,22 @@ def thread_states(pid: int) -> set[str]:
     return states
 
 
+def session(sid: int) -> dict[int, str]:
+    """pid -> state of every process of session `sid`, found in /proc, not asked of the daemon."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{name}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[3]) == sid:  # state, ppid, pgrp, session
+            found[int(name)] = fields[0]
+    return found
+
+
 def state(c: Path) -> str:
     return (c / "freezer.state").read_text()
 
@@ -159,6 +175,8 @@ def test_fork_loop_frozen_and_thawed_none_lost_none_left(request, daemon, procs)
     wait_for(lambda: state(c) == "FROZEN\n", timeout=30)
     frozen = read_ids(c / "cgroup.procs")
     assert len(frozen) < 1 + 2 * CAP, "the loop finished before the freeze; nothing was tested"
+    # not only what the daemon knows: every process of the loop's session is a member
+    assert sorted(session(loop.pid)) == frozen
     assert all(proc_state(pid) == "T" for pid in frozen)
     assert all(thread_states(pid) == {"T"} for pid in frozen)
     # frozen means frozen: nothing forks, nothing runs, for as long as it lasts
@@ -167,8 +185,10 @@ def test_fork_loop_frozen_and_thawed_none_lost_none_left(request, daemon, procs)
     assert state(c) == "FROZEN\n"
     assert write(c / "freezer.state", b"THAWED") == 0
     assert state(c) == "THAWED\n"
-    # none lost: every frozen process is alive and running again
+    # none lost: every frozen process is alive and running again, and none of the
+    # session is left stopped
     wait_for(lambda: all(proc_state(pid) not in (None, "T") for pid in frozen), timeout=30)
+    wait_for(lambda: "T" not in session(loop.pid).values(), timeout=30)
     # and the loop goes on where it stopped
     wait_for(lambda: len(read_ids(c / "cgroup.procs")) > len(frozen), timeout=30)
     # a second freeze of the still-forking group works as well
@@ -176,9 +196,11 @@ def test_fork_loop_frozen_and_thawed_none_lost_none_left(request, daemon, procs)
     wait_for(lambda: state(c) == "FROZEN\n", timeout=30)
     again = read_ids(c / "cgroup.procs")
     assert set(frozen) <= set(again)
+    assert sorted(session(loop.pid)) == again
     assert all(proc_state(pid) == "T" for pid in again)
     assert write(c / "freezer.state", b"THAWED") == 0
     wait_for(lambda: all(proc_state(pid) not in (None, "T") for pid in again), timeout=30)
+    wait_for(lambda: "T" not in session(loop.pid).values(), timeout=30)
 
 
 def test_a_process_stopped_before_the_freeze_stays_stopped(fz, procs):
@@ -314,3 +336,38 @@ def test_frozen_processes_can_be_killed_and_leave(fz, procs):
     wait_for(lambda: read_ids(c / "cgroup.procs") == [], timeout=30)
     assert state(c) == "FROZEN\n"
     os.rmdir(c)
+
+
+def test_pid_1_is_never_stopped(fz):
+    c = fz / "c"
+    os.mkdir(c)
+    assert write(c / "cgroup.procs", b"1") == 0
+    try:
+        assert write(c / "freezer.state", b"FROZEN") == 0
+        for _ in range(5):
+            assert state(c) == "FREEZING\n"
+            assert proc_state(1) != "T"
+            time.sleep(0.05)
+        assert write(c / "freezer.state", b"THAWED") == 0
+    finally:
+        assert write(fz / "cgroup.procs", b"1") == 0
+    assert proc_state(1) != "T"
+    assert state(c) == "THAWED\n"
+
+
+def test_a_read_never_says_frozen_while_a_member_runs(fz, procs):
+    """Someone continues a frozen member: the next read sees it, not the next loop pass."""
+    c = fz / "c"
+    os.mkdir(c)
+    p = procs.sleeper()
+    assert write(c / "cgroup.procs", str(p.pid).encode()) == 0
+    assert write(c / "freezer.state", b"FROZEN") == 0
+    for _ in range(3):
+        wait_for(lambda: state(c) == "FROZEN\n", timeout=30)
+        os.kill(p.pid, signal.SIGCONT)  # runs again as kill() returns
+        # FROZEN is only right if the service loop stopped it again in between
+        assert state(c) == "FREEZING\n" or proc_state(p.pid) == "T"
+    wait_for(lambda: state(c) == "FROZEN\n", timeout=30)
+    assert proc_state(p.pid) == "T"
+    assert write(c / "freezer.state", b"THAWED") == 0
+    wait_for(lambda: proc_state(p.pid) == "S", timeout=30)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for, write
+from tests.integration.test_persistence import crash, served
 
 #: holds N extra descriptors once told; on "fill" opens until refused and reports why
 HOLDER = r"""
@@ -204,3 +205,24 @@ def test_a_lower_limit_than_the_count_stops_every_open(nf, holders):
     assert h.ask("fill") == ["refused", str(errno.EMFILE)]
     # nothing is taken away, and nothing more was handed out
     assert current(c) == held
+
+
+def test_a_clamp_survives_a_daemon_crash_and_is_given_back(cfs, nf, holders):
+    """The clamp set is journaled: a new daemon knows the clamp is not the process's own."""
+    c = nf / "c"
+    os.mkdir(c)
+    h = holders()
+    original = resource.prlimit(h.pid, resource.RLIMIT_NOFILE)
+    assert write(c / "cgroup.procs", str(h.pid).encode()) == 0
+    assert write(c / "numfiles.max", str(current(c) + 10).encode()) == 0
+    wait_for(lambda: resource.prlimit(h.pid, resource.RLIMIT_NOFILE) != original, timeout=30)
+    clamped = resource.prlimit(h.pid, resource.RLIMIT_NOFILE)
+    limit = (c / "numfiles.max").read_text()
+    crash(cfs)
+    assert resource.prlimit(h.pid, resource.RLIMIT_NOFILE) == clamped  # nobody gave it back
+    cfs.start()
+    wait_for(lambda: served(nf), timeout=10)
+    assert (c / "numfiles.max").read_text() == limit
+    assert write(c / "numfiles.max", b"max") == 0
+    wait_for(lambda: resource.prlimit(h.pid, resource.RLIMIT_NOFILE) == original, timeout=30)
+    assert h.ask("open 5") == ["ok"]
