@@ -170,6 +170,16 @@ class SavedState:
         for _st, cg in self.tasks.values():
             if hid in cg and (target := moved(cg[hid])) is not None:
                 cg[hid] = target
+        prefix = f"{hid}:"  # subsystem items keyed by Container.key move along
+
+        def moved_key(key: str) -> str:
+            if key.startswith(prefix) and (target := moved(key[len(prefix):])) is not None:
+                return prefix + target
+            return key
+
+        for name, items in list(self.subsystems.items()):
+            if isinstance(items, dict):
+                self.subsystems[name] = {moved_key(k): v for k, v in items.items()}
 
 
 def _read_lines(path: Path) -> Iterator[dict]:

@@ -98,6 +98,16 @@ class Container:
             node = node.parent
         return "/" + "/".join(reversed(parts))
 
+    @property
+    def key(self) -> str:
+        """"hierarchy id:path": how the journal names a container's subsystem items.
+
+        A restart recreates containers at their paths, and the journal renames
+        these keys along with their containers, so a subsystem that keys its
+        saved items by container finds them again.
+        """
+        return f"{self.hierarchy.id}:{self.path}"
+
     def ancestors(self) -> Iterator[Container]:
         """This container, then its parent, up to the root."""
         node: Container | None = self

@@ -67,6 +67,20 @@ class Hierarchy:
     def has_children(self) -> bool:
         return bool(self.root.children)
 
+    def find(self, path: str) -> Container | None:
+        """The container at `path` ("/a/b"), if there is one."""
+        c = self.root
+        for part in [p for p in path.split("/") if p]:
+            c = c.children.get(part)
+            if c is None:
+                return None
+        return c
+
+    def find_key(self, key: str) -> Container | None:
+        """The container a Container.key names, if it is in this hierarchy."""
+        hid, _, path = key.partition(":")
+        return self.find(path) if hid == str(self.id) else None
+
     def files(self, container: Container) -> dict[str, ControlFile]:
         """Name -> control file for `container`, prefixes applied."""
         table = self._tables.get(container.is_root)

@@ -355,24 +355,6 @@ def _root_usage() -> Usage:
     return usage
 
 
-def saved_key(c: Container) -> str:
-    """A container's key in the journal: its hierarchy and path ("3:/a/b")."""
-    return f"{c.hierarchy.id}:{c.path}"
-
-
-def find_saved(h: Hierarchy | None, key: str) -> Container | None:
-    """The container of `h` a saved_key() names, if it still exists."""
-    hid, _, path = key.partition(":")
-    if h is None or hid != str(h.id):
-        return None
-    c = h.root
-    for part in [p for p in path.split("/") if p]:
-        c = c.children.get(part)
-        if c is None:
-            return None
-    return c
-
-
 def _saved_usage(c: Container) -> list[list[int]] | None:
     """[user, system] per CPU to journal for `c`; None for the root, a child sharing its
     parent's counters (subsystem disabled there), or one at zero."""
@@ -434,7 +416,7 @@ def _write_usage(c: Container, data: bytes, caller: Caller) -> None:
     c.state[NAME].reset()
     subsys.changed.discard(c)
     # a reset is a command: a crash must not bring the old counts back
-    c.hierarchy.registry.subsystem_changed(subsys, saved_key(c))
+    c.hierarchy.registry.subsystem_changed(subsys, c.key)
 
 
 _FILES = (
@@ -469,7 +451,7 @@ class Cpuacct(Subsystem):
         self.counters = {"samples": 0, "exit_zombie": 0, "exit_taskstats": 0, "exit_last": 0}
         #: containers charged since their usage was last journaled
         self.changed: set[Container] = set()
-        #: usage journaled before a restart, by saved_key, until its container is back
+        #: usage journaled before a restart, by Container.key, until its container is back
         self._restoring: dict[str, list[list[int]]] = {}
 
     # ---------------------------------------------------------------- charge
@@ -530,7 +512,7 @@ class Cpuacct(Subsystem):
 
     def create(self, container: Container) -> Usage:
         usage = Usage()
-        saved = self._restoring.pop(saved_key(container), None)
+        saved = self._restoring.pop(container.key, None)
         if saved is not None:
             n = len(usage.total)
             usage.user = (saved[0] + [0] * n)[:n]
@@ -542,7 +524,7 @@ class Cpuacct(Subsystem):
         """Its journaled usage goes too: a container made later at its path starts at 0."""
         container.state[NAME].reset()
         self.changed.discard(container)
-        self.registry.subsystem_changed(self, saved_key(container))
+        self.registry.subsystem_changed(self, container.key)
 
     def fork(self, task: Task, container: Container) -> None:
         if not container.is_root:
@@ -597,7 +579,7 @@ class Cpuacct(Subsystem):
     # ------------------------------------------------------------ persistence
 
     def saved(self) -> dict[str, list[list[int]]]:
-        """Every container's accumulated [user, system] ns per CPU, by saved_key().
+        """Every container's accumulated [user, system] ns per CPU, by Container.key.
 
         Containers at zero are left out; usage_* and stat derive from these
         two (total = user + system on every CPU). The root is not kept: it
@@ -610,11 +592,11 @@ class Cpuacct(Subsystem):
         for c in h.root.walk():
             value = _saved_usage(c)
             if value is not None:
-                items[saved_key(c)] = value
+                items[c.key] = value
         return items
 
     def saved_item(self, key: str) -> list[list[int]] | None:
-        c = find_saved(self.hierarchy, key)
+        c = self.hierarchy.find_key(key) if self.hierarchy is not None else None
         return _saved_usage(c) if c is not None else None
 
     def restore_saved(self, data: dict) -> None:
@@ -626,7 +608,7 @@ class Cpuacct(Subsystem):
         changed, self.changed = self.changed, set()
         for c in changed:
             if not c.removed and c.hierarchy is self.hierarchy:
-                self.registry.subsystem_changed(self, saved_key(c))
+                self.registry.subsystem_changed(self, c.key)
 
     # ------------------------------------------------------------ background
 

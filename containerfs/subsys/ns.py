@@ -87,11 +87,6 @@ def _state(c: Container) -> NsState:
     return c.state[NAME]
 
 
-def _item(c: Container) -> str:
-    """A clone's key in saved(): its place, which a restore recreates."""
-    return f"{c.hierarchy.id}:{c.path}"
-
-
 def _read_namespaces(c: Container) -> str:
     """One line per namespace type: the type, then the distinct inodes of the members."""
     seen: dict[str, set[int]] = {kind: set() for kind in NAMESPACES}
@@ -127,7 +122,7 @@ class Ns(Subsystem):
     def create(self, container: Container) -> NsState:
         if container.parent is None:
             return NsState(read_key(os.getpid()))
-        saved = self._restoring.pop(_item(container), None)
+        saved = self._restoring.pop(container.key, None)
         if saved is not None:
             key, auto = saved
             self._clones.add(container)
@@ -144,7 +139,7 @@ class Ns(Subsystem):
         the clone's next fork makes a clone inside it.
         """
         return {
-            _item(c): [list(_state(c).key or ()), _state(c).auto]
+            c.key: [list(_state(c).key or ()), _state(c).auto]
             for c in self._clones
             if not c.removed
         }

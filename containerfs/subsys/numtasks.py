@@ -34,7 +34,6 @@ from containerfs.core.files import Caller, ControlFile, Placement
 from containerfs.core.parse import parse_max_or_int
 from containerfs.core.subsystem import Subsystem
 from containerfs.core.task import Task
-from containerfs.subsys.cpuacct import find_saved, saved_key
 from containerfs.tracking import procscan
 
 if TYPE_CHECKING:
@@ -120,7 +119,7 @@ class Numtasks(Subsystem):
         self.dying: set[Task] = set()
         self.kills = 0
         self.refused_kills = 0
-        #: peaks and events journaled before a restart, by saved_key, until their container
+        #: peaks and events journaled before a restart, by Container.key, until their container
         #: is back
         self._restoring: dict[str, list[int]] = {}
         #: containers whose peak or events changed since they were last journaled
@@ -131,7 +130,7 @@ class Numtasks(Subsystem):
         if container.is_root:
             return None
         state = NumtasksState()
-        state.peak, state.events = self._restoring.pop(saved_key(container), (0, 0))
+        state.peak, state.events = self._restoring.pop(container.key, (0, 0))
         return state
 
     def destroy(self, container: Container) -> None:
@@ -140,7 +139,7 @@ class Numtasks(Subsystem):
             state = _state(container)
             state.peak = state.events = 0
             self.changed.discard(container)
-            self.registry.subsystem_changed(self, saved_key(container))
+            self.registry.subsystem_changed(self, container.key)
 
     def _bump_peaks(self, c: Container) -> None:
         for node in c.ancestors():
@@ -253,7 +252,7 @@ class Numtasks(Subsystem):
     # ------------------------------------------------------------ persistence
 
     def saved(self) -> dict[str, list[int]]:
-        """Each container's [peak, events] (counters, not settings), by saved_key(); zeros
+        """Each container's [peak, events] (counters, not settings), by Container.key; zeros
         left out."""
         h = self.hierarchy
         if h is None:
@@ -262,11 +261,11 @@ class Numtasks(Subsystem):
         for c in h.root.walk():
             value = _saved_counts(c)
             if value is not None:
-                items[saved_key(c)] = value
+                items[c.key] = value
         return items
 
     def saved_item(self, key: str) -> list[int] | None:
-        c = find_saved(self.hierarchy, key)
+        c = self.hierarchy.find_key(key) if self.hierarchy is not None else None
         return _saved_counts(c) if c is not None else None
 
     def restore_saved(self, data: dict) -> None:
@@ -282,7 +281,7 @@ class Numtasks(Subsystem):
         changed, self.changed = self.changed, set()
         for c in changed:
             if not c.removed and c.hierarchy is self.hierarchy:
-                self.registry.subsystem_changed(self, saved_key(c))
+                self.registry.subsystem_changed(self, c.key)
 
     async def run(self) -> None:
         """Journal peaks and events after they change, at most once per PERSIST_PERIOD."""

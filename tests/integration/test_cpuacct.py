@@ -316,3 +316,20 @@ def journaled(cfs, subsystem: str, path: str):
         elif rec.get("op") == "si":
             items[rec["key"]] = rec["value"]
     return next((v for k, v in items.items() if k.endswith(":" + path) and v is not None), None)
+
+
+def test_usage_follows_a_renamed_container_through_a_crash(cfs, ca, procs):
+    """Usage is journaled by container; a rename carries it along, charged since or not."""
+    os.mkdir(ca / "old")
+    b = Burner(procs)
+    assert write(ca / "old" / "tasks", str(b.pid).encode()) == 0
+    b.joined()
+    b.burn(0.3)
+    before = usage(ca / "old")
+    wait_for(lambda: _journaled(cfs, "/old") >= before, 20)
+    assert write(ca / "tasks", str(b.pid).encode()) == 0  # idle from now on
+    os.rename(ca / "old", ca / "new")
+    crash(cfs)
+    cfs.start()
+    wait_for(lambda: served(ca), timeout=10)
+    assert usage(ca / "new") >= before
