@@ -260,14 +260,7 @@ def restore(registry: Registry, saved: SavedState) -> Placements:
 
 def _find(registry: Registry, hid: int, path: str) -> Container | None:
     h = registry.hierarchies.get(hid)
-    if h is None:
-        return None
-    c = h.root
-    for part in [p for p in path.split("/") if p]:
-        c = c.children.get(part)
-        if c is None:
-            return None
-    return c
+    return h.find(path) if h is not None else None
 
 
 def _restore_container(registry: Registry, h: Hierarchy, path: str, rec: dict) -> Container | None:
