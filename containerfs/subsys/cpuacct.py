@@ -61,8 +61,11 @@ NAME = "cpuacct"
 SAMPLE_PERIOD = 0.2
 #: reads of a subtree with up to this many threads sample them on the spot
 INLINE_MAX = 64
-#: threads read per worker-thread batch
-BATCH = 512
+#: threads sampled between two checkpoints of the trio thread
+BATCH = 32
+#: the sampler takes at most about this share of the daemon's time: with many
+#: tracked threads the period grows beyond SAMPLE_PERIOD instead
+SAMPLER_SHARE = 0.1
 #: how long an exit record waits for its exit event; the record often comes first, and
 #: even before the fork event of a short-lived task has been applied
 FINAL_TTL = 5.0
@@ -631,10 +634,18 @@ class Cpuacct(Subsystem):
         self.taskstats = listener
 
     async def _sample_all(self) -> None:
+        """Sample every tracked thread, a slice at a time on the trio thread.
+
+        A sample is two small /proc reads. A worker thread doing hundreds of
+        them holds the GIL most of the time and delays the tracker's events
+        (a fork storm then outruns numtasks); slices with a checkpoint between
+        them let every fork and exit event in between be handled first.
+        """
         tasks = list(self.tracked)
         for i in range(0, len(tasks), BATCH):
-            batch = tasks[i : i + BATCH]
-            samples = await trio.to_thread.run_sync(lambda b=batch: [read_sample(t) for t in b])
+            await trio.lowlevel.checkpoint()
+            batch = [t for t in tasks[i : i + BATCH] if t in self.tracked]
+            samples = [read_sample(t) for t in batch]
             for task, sample in zip(batch, samples, strict=True):
                 home = self._container(task)
                 if sample is not None and home is not None and not home.is_root:
@@ -649,8 +660,9 @@ class Cpuacct(Subsystem):
         expire_at = trio.current_time() + FINAL_TTL
         persist_at = trio.current_time() + PERSIST_PERIOD
         try:
+            period = SAMPLE_PERIOD
             while True:
-                await trio.sleep(SAMPLE_PERIOD)
+                await trio.sleep(period)
                 if self.hierarchy is None:
                     if self.taskstats is not None:
                         self.taskstats.close()
@@ -662,7 +674,9 @@ class Cpuacct(Subsystem):
                 if trio.current_time() >= expire_at:
                     self._expire_finals()
                     expire_at = trio.current_time() + FINAL_TTL
+                started = trio.current_time()
                 await self._sample_all()
+                period = max(SAMPLE_PERIOD, (trio.current_time() - started) / SAMPLER_SHARE)
                 if trio.current_time() >= persist_at:
                     self.persist()
                     persist_at = trio.current_time() + PERSIST_PERIOD
