@@ -399,6 +399,11 @@ class Daemon:
             "open_files": len(self.ops.handles),
             "release": self.release.stats(),
             "events": {"seq": self.events.seq, "subscribers": len(self.events.subscribers)},
+            **{
+                s.name: counters
+                for s in self.registry.subsystems.values()
+                if s.hierarchy is not None and (counters := s.stats()) is not None
+            },
         }
 
     async def op_hierarchies(self, msg: dict, peer: Peer, stream: Any) -> dict:

@@ -79,6 +79,10 @@ class Subsystem:
         """The subsystem was released from `hierarchy`."""
         self.hierarchy = None
 
+    def stats(self) -> dict[str, Any] | None:
+        """Counters for `containerfs stats` (flat, JSON-able); None: nothing to show."""
+        return None
+
     def saved(self) -> dict[str, Any] | None:
         """Subsystem-wide state to journal, beyond container settings; None: none.
 

@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -451,6 +452,9 @@ class Cpuacct(Subsystem):
         #: exit records of the last FINAL_TTL seconds, by tid: the exit event comes after
         self.finals: dict[int, Final] = {}
         self._finals_old: dict[int, Final] = {}
+        #: exits seen before their taskstats record was read: tid -> (container, last
+        #: sample, when); settled when the record comes, or from the last sample at expiry
+        self._awaiting: dict[int, tuple[Container, Sample, float]] = {}
         self.counters = {"samples": 0, "exit_zombie": 0, "exit_taskstats": 0, "exit_last": 0}
         #: containers charged since their usage was last journaled
         self.changed: set[Container] = set()
@@ -534,6 +538,11 @@ class Cpuacct(Subsystem):
             # a new task's counters start at zero: counting from zero misses nothing
             self._track(task, Sample(0, 0, 0, 0, task.start_time))
 
+    def stats(self) -> dict[str, int]:
+        """How exits were settled: exact (zombie, taskstats) or from the last sample."""
+        lost = self.taskstats.lost if self.taskstats is not None else 0
+        return {**self.counters, "taskstats_lost": lost}
+
     def restore(self, task: Task, container: Container) -> None:
         """Back after a restart: only what it runs from now on is charged here."""
         if not container.is_root:
@@ -564,18 +573,25 @@ class Cpuacct(Subsystem):
             self.counters["exit_zombie"] += 1
         elif record is not None:
             self.counters["exit_taskstats"] += 1
-            delta = record.total_ns - last.total_ns
-            ticks = record.utime_ns + record.stime_ns
-            user = delta * record.utime_ns // ticks if ticks else delta
-            self._charge(container, last.cpu, delta, user)
+            self._charge_final(container, last, record)
+        elif self.taskstats is not None:
+            # reaped already, and its record not read yet: settle it when it is
+            self._awaiting[task.tid] = (container, last, time.monotonic())
         else:
             self.counters["exit_last"] += 1
+
+    def _charge_final(self, c: Container, last: Sample, record: Final) -> None:
+        delta = record.total_ns - last.total_ns
+        ticks = record.utime_ns + record.stime_ns
+        user = delta * record.utime_ns // ticks if ticks else delta
+        self._charge(c, last.cpu, delta, user)
 
     def unbind(self, hierarchy: Hierarchy) -> None:
         super().unbind(hierarchy)
         self.tracked.clear()
         self.finals.clear()
         self._finals_old.clear()
+        self._awaiting.clear()
         self.changed.clear()
         self.registry.subsystem_changed(self)  # nothing left to keep
 
@@ -619,10 +635,22 @@ class Cpuacct(Subsystem):
         """Collect every exit record on the machine; a tid's exit event comes after it."""
         if self.taskstats is not None:
             self.finals.update(self.taskstats.read())
+        for tid in [t for t in self._awaiting if t in self.finals]:
+            c, last, _seen = self._awaiting.pop(tid)
+            self.counters["exit_taskstats"] += 1
+            self._charge_final(c, last, self.finals.pop(tid))
 
     def _expire_finals(self) -> None:
-        """Records older than one to two FINAL_TTL go: their tasks were not ours."""
+        """Records older than one to two FINAL_TTL go: their tasks were not ours.
+
+        An exit still waiting for its record after FINAL_TTL never gets one: it
+        counts up to its last sample.
+        """
         self._finals_old, self.finals = self.finals, {}
+        deadline = time.monotonic() - FINAL_TTL
+        for tid in [t for t, (_c, _last, seen) in self._awaiting.items() if seen < deadline]:
+            del self._awaiting[tid]
+            self.counters["exit_last"] += 1
 
     def _open_taskstats(self) -> None:
         listener = TaskstatsListener()
