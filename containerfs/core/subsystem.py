@@ -9,7 +9,7 @@ cancel_attach and nothing moves (gVisor's PrepareMigrate/Abort/Commit).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from containerfs.core.files import Caller, ControlFile
@@ -106,3 +106,67 @@ class Subsystem:
         It runs on the trio thread that owns the registry; blocking /proc or
         syscall work belongs in trio.to_thread.run_sync, in bounded batches.
         """
+
+
+class PerContainerItems(Subsystem):
+    """A subsystem whose journaled state is one item per container, keyed by Container.key.
+
+    A subclass says what a container's item is (`item_of`; None: nothing to
+    keep), marks containers whose item changed in `changed` and journals them
+    with `journal_changed` at its own pace, and takes a restored item back in
+    create() with `take_restored`. The root and children sharing their
+    parent's state (the subsystem disabled there) keep nothing of their own;
+    the journal renames keys along with their containers.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__(registry)
+        #: items journaled before a restart, until the restore makes their container again
+        self.restoring: dict[str, Any] = {}
+        #: containers whose item changed since it was last journaled
+        self.changed: set[Container] = set()
+
+    def item_of(self, container: Container) -> Any:
+        """What to keep of a container of this subsystem's own; None: nothing."""
+        return None
+
+    def _item(self, c: Container) -> Any:
+        if c.parent is None or c.state[self.name] is c.parent.state[self.name]:
+            return None
+        return self.item_of(c)
+
+    def holders(self) -> Iterable[Container]:
+        """The containers that may have an item: all of them, unless a subclass knows better."""
+        return self.hierarchy.root.walk() if self.hierarchy is not None else ()
+
+    def saved(self) -> dict[str, Any]:
+        return {c.key: item for c in self.holders() if (item := self._item(c)) is not None}
+
+    def saved_item(self, key: str) -> Any:
+        c = self.hierarchy.find_key(key) if self.hierarchy is not None else None
+        return self._item(c) if c is not None else None
+
+    def restore_saved(self, data: dict[str, Any]) -> None:
+        self.restoring = dict(data)
+
+    def take_restored(self, container: Container) -> Any:
+        """The item journaled for `container` before the restart, if any (once)."""
+        return self.restoring.pop(container.key, None)
+
+    def journal_changed(self) -> None:
+        """Journal the item of every container marked changed, and only those."""
+        changed, self.changed = self.changed, set()
+        for c in changed:
+            if not c.removed and c.hierarchy is self.hierarchy:
+                self.registry.subsystem_changed(self, c.key)
+
+    def journal_now(self, container: Container) -> None:
+        """Journal `container`'s item at once (a reset or a removal: a crash must not
+        bring the old one back)."""
+        self.changed.discard(container)
+        self.registry.subsystem_changed(self, container.key)
+
+    def unbind(self, hierarchy: Hierarchy) -> None:
+        super().unbind(hierarchy)
+        self.changed.clear()
+        self.registry.subsystem_changed(self)  # nothing left to keep

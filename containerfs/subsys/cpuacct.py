@@ -46,7 +46,7 @@ import trio
 from containerfs.core.container import Container
 from containerfs.core.files import Caller, ControlFile
 from containerfs.core.parse import kstrtoull
-from containerfs.core.subsystem import Subsystem
+from containerfs.core.subsystem import PerContainerItems
 from containerfs.core.task import Task
 from containerfs.errors import CgroupError
 from containerfs.subsys import sysinfo
@@ -359,15 +359,6 @@ def _root_usage() -> Usage:
     return usage
 
 
-def _saved_usage(c: Container) -> list[list[int]] | None:
-    """[user, system] per CPU to journal for `c`; None for the root, a child sharing its
-    parent's counters (subsystem disabled there), or one at zero."""
-    if c.is_root or c.state[NAME] is c.parent.state[NAME]:
-        return None
-    u: Usage = c.state[NAME]
-    return [u.user, u.system] if any(u.total) else None
-
-
 def _subsys(c: Container) -> Cpuacct:
     subsys = c.hierarchy.registry.subsystems[NAME]
     assert isinstance(subsys, Cpuacct)
@@ -418,9 +409,7 @@ def _write_usage(c: Container, data: bytes, caller: Caller) -> None:
     subsys = _subsys(c)
     subsys.catch_up(c)
     c.state[NAME].reset()
-    subsys.changed.discard(c)
-    # a reset is a command: a crash must not bring the old counts back
-    c.hierarchy.registry.subsystem_changed(subsys, c.key)
+    subsys.journal_now(c)
 
 
 _FILES = (
@@ -438,7 +427,7 @@ _FILES = (
 # --------------------------------------------------------------- subsystem
 
 
-class Cpuacct(Subsystem):
+class Cpuacct(PerContainerItems):
     """Per-container CPU time: a baseline at join, deltas by sampling, the rest at leave."""
 
     name = NAME
@@ -456,10 +445,6 @@ class Cpuacct(Subsystem):
         #: sample, when); settled when the record comes, or from the last sample at expiry
         self._awaiting: dict[int, tuple[Container, Sample, float]] = {}
         self.counters = {"samples": 0, "exit_zombie": 0, "exit_taskstats": 0, "exit_last": 0}
-        #: containers charged since their usage was last journaled
-        self.changed: set[Container] = set()
-        #: usage journaled before a restart, by Container.key, until its container is back
-        self._restoring: dict[str, list[list[int]]] = {}
 
     # ---------------------------------------------------------------- charge
 
@@ -519,7 +504,7 @@ class Cpuacct(Subsystem):
 
     def create(self, container: Container) -> Usage:
         usage = Usage()
-        saved = self._restoring.pop(container.key, None)
+        saved = self.take_restored(container)
         if saved is not None:
             n = len(usage.total)
             usage.user = (saved[0] + [0] * n)[:n]
@@ -530,8 +515,7 @@ class Cpuacct(Subsystem):
     def destroy(self, container: Container) -> None:
         """Its journaled usage goes too: a container made later at its path starts at 0."""
         container.state[NAME].reset()
-        self.changed.discard(container)
-        self.registry.subsystem_changed(self, container.key)
+        self.journal_now(container)
 
     def fork(self, task: Task, container: Container) -> None:
         if not container.is_root:
@@ -592,42 +576,16 @@ class Cpuacct(Subsystem):
         self.finals.clear()
         self._finals_old.clear()
         self._awaiting.clear()
-        self.changed.clear()
-        self.registry.subsystem_changed(self)  # nothing left to keep
 
     # ------------------------------------------------------------ persistence
 
-    def saved(self) -> dict[str, list[list[int]]]:
-        """Every container's accumulated [user, system] ns per CPU, by Container.key.
+    def item_of(self, c: Container) -> list[list[int]] | None:
+        """[user, system] ns per CPU (usage_* and stat derive from these); none at zero.
 
-        Containers at zero are left out; usage_* and stat derive from these
-        two (total = user + system on every CPU). The root is not kept: it
-        reads the machine's counters.
+        The root is not kept: it reads the machine's counters.
         """
-        h = self.hierarchy
-        if h is None:
-            return {}
-        items = {}
-        for c in h.root.walk():
-            value = _saved_usage(c)
-            if value is not None:
-                items[c.key] = value
-        return items
-
-    def saved_item(self, key: str) -> list[list[int]] | None:
-        c = self.hierarchy.find_key(key) if self.hierarchy is not None else None
-        return _saved_usage(c) if c is not None else None
-
-    def restore_saved(self, data: dict) -> None:
-        """Keep the usage until the containers are made again (create() takes it)."""
-        self._restoring = dict(data)
-
-    def persist(self) -> None:
-        """Journal the usage of every container charged since the last time, and only those."""
-        changed, self.changed = self.changed, set()
-        for c in changed:
-            if not c.removed and c.hierarchy is self.hierarchy:
-                self.registry.subsystem_changed(self, c.key)
+        u: Usage = c.state[NAME]
+        return [u.user, u.system] if any(u.total) else None
 
     # ------------------------------------------------------------ background
 
@@ -684,7 +642,7 @@ class Cpuacct(Subsystem):
         """Sample every tracked thread each period, drain the taskstats socket, and
         journal the usage at a bounded rate."""
         # the restore is over: a container not made again by now is gone with its usage
-        self._restoring.clear()
+        self.restoring.clear()
         expire_at = trio.current_time() + FINAL_TTL
         persist_at = trio.current_time() + PERSIST_PERIOD
         try:
@@ -706,9 +664,9 @@ class Cpuacct(Subsystem):
                 await self._sample_all()
                 period = max(SAMPLE_PERIOD, (trio.current_time() - started) / SAMPLER_SHARE)
                 if trio.current_time() >= persist_at:
-                    self.persist()
+                    self.journal_changed()
                     persist_at = trio.current_time() + PERSIST_PERIOD
         finally:
             if self.taskstats is not None:
                 self.taskstats.close()
-            self.persist()  # a clean stop: the journal is still open
+            self.journal_changed()  # a clean stop: the journal is still open

@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ import trio
 from containerfs.core.container import Container
 from containerfs.core.files import ControlFile
 from containerfs.core.hierarchy import Hierarchy
-from containerfs.core.subsystem import Subsystem
+from containerfs.core.subsystem import PerContainerItems
 from containerfs.core.task import Task
 from containerfs.errors import CgroupError
 from containerfs.tracking import procscan
@@ -104,7 +104,7 @@ def _read_namespaces(c: Container) -> str:
     )
 
 
-class Ns(Subsystem):
+class Ns(PerContainerItems):
     name = NAME
     files = (ControlFile("namespaces", _read_namespaces),)
 
@@ -116,13 +116,11 @@ class Ns(Subsystem):
         self._clones: set[Container] = set()
         #: what saved() last reported, to journal only the clones that changed
         self._journaled: dict[str, list] = {}
-        #: clones of the saved state by item key, taken back as a restore recreates them
-        self._restoring: dict[str, list] = {}
 
     def create(self, container: Container) -> NsState:
         if container.parent is None:
             return NsState(read_key(os.getpid()))
-        saved = self._restoring.pop(container.key, None)
+        saved = self.take_restored(container)
         if saved is not None:
             key, auto = saved
             self._clones.add(container)
@@ -132,20 +130,22 @@ class Ns(Subsystem):
     def destroy(self, container: Container) -> None:
         self._clones.discard(container)
 
-    def saved(self) -> dict[str, Any]:
-        """Each clone's namespaces and auto flag, by "hierarchy id:path".
+    def holders(self) -> Iterable[Container]:
+        """Only clones have an item: _journal() looks at them every batch, not at the tree."""
+        return [c for c in self._clones if not c.removed]
+
+    def item_of(self, c: Container) -> list | None:
+        """A clone's namespaces and auto flag.
 
         Without them a restarted daemon gives a clone its parent's key, so
         the clone's next fork makes a clone inside it.
         """
-        return {
-            c.key: [list(_state(c).key or ()), _state(c).auto]
-            for c in self._clones
-            if not c.removed
-        }
+        if c not in self._clones:
+            return None
+        return [list(_state(c).key or ()), _state(c).auto]
 
     def restore_saved(self, data: dict[str, Any]) -> None:
-        self._restoring = dict(data)
+        super().restore_saved(data)
         self._journaled = dict(data)
 
     def _journal(self) -> None:
@@ -179,11 +179,11 @@ class Ns(Subsystem):
         super().unbind(hierarchy)
         self._pending.clear()
         self._clones.clear()
-        self._journal()
+        self._journaled = {}  # the unbind journaled that nothing is left
 
     async def run(self) -> None:
         # the restore is over: what it did not recreate is gone
-        self._restoring.clear()
+        self.restoring.clear()
         self._journal()
         while True:
             if self.hierarchy is None:  # unbound: nothing to watch, stay cheap

@@ -32,7 +32,7 @@ from containerfs import signals
 from containerfs.core.container import Container
 from containerfs.core.files import Caller, ControlFile, Placement
 from containerfs.core.parse import parse_max_or_int
-from containerfs.core.subsystem import Subsystem
+from containerfs.core.subsystem import PerContainerItems
 from containerfs.core.task import Task
 from containerfs.tracking import procscan
 
@@ -63,15 +63,6 @@ class NumtasksState:
 
 def _state(c: Container) -> NumtasksState:
     return c.state[NAME]
-
-
-def _saved_counts(c: Container) -> list[int] | None:
-    """[peak, events] to journal for `c`; None for the root, a child sharing its parent's
-    state (subsystem disabled there), or one at zero."""
-    if c.is_root or c.state[NAME] is c.parent.state[NAME]:
-        return None
-    state = _state(c)
-    return [state.peak, state.events] if state.peak or state.events else None
 
 
 def _read_max(c: Container) -> str:
@@ -105,7 +96,7 @@ _FILES = (
 )
 
 
-class Numtasks(Subsystem):
+class Numtasks(PerContainerItems):
     """Task-count limits, enforced by killing the thread group of a task forked over one."""
 
     name = NAME
@@ -119,18 +110,13 @@ class Numtasks(Subsystem):
         self.dying: set[Task] = set()
         self.kills = 0
         self.refused_kills = 0
-        #: peaks and events journaled before a restart, by Container.key, until their container
-        #: is back
-        self._restoring: dict[str, list[int]] = {}
-        #: containers whose peak or events changed since they were last journaled
-        self.changed: set[Container] = set()
         self._wake: trio.Event | None = None
 
     def create(self, container: Container) -> NumtasksState | None:
         if container.is_root:
             return None
         state = NumtasksState()
-        state.peak, state.events = self._restoring.pop(container.key, (0, 0))
+        state.peak, state.events = self.take_restored(container) or (0, 0)
         return state
 
     def destroy(self, container: Container) -> None:
@@ -138,8 +124,7 @@ class Numtasks(Subsystem):
         if not container.is_root:
             state = _state(container)
             state.peak = state.events = 0
-            self.changed.discard(container)
-            self.registry.subsystem_changed(self, container.key)
+            self.journal_now(container)
 
     def _bump_peaks(self, c: Container) -> None:
         for node in c.ancestors():
@@ -246,53 +231,29 @@ class Numtasks(Subsystem):
         super().unbind(hierarchy)
         self.killed.clear()
         self.dying.clear()
-        self.changed.clear()
-        self.registry.subsystem_changed(self)  # nothing left to keep
 
     # ------------------------------------------------------------ persistence
 
-    def saved(self) -> dict[str, list[int]]:
-        """Each container's [peak, events] (counters, not settings), by Container.key; zeros
-        left out."""
-        h = self.hierarchy
-        if h is None:
-            return {}
-        items = {}
-        for c in h.root.walk():
-            value = _saved_counts(c)
-            if value is not None:
-                items[c.key] = value
-        return items
-
-    def saved_item(self, key: str) -> list[int] | None:
-        c = self.hierarchy.find_key(key) if self.hierarchy is not None else None
-        return _saved_counts(c) if c is not None else None
-
-    def restore_saved(self, data: dict) -> None:
-        """Keep the counts until the containers are made again (create() takes them)."""
-        self._restoring = dict(data)
+    def item_of(self, c: Container) -> list[int] | None:
+        """[peak, events]: counters, not settings; none at zero."""
+        state = _state(c)
+        return [state.peak, state.events] if state.peak or state.events else None
 
     def _journal_soon(self, c: Container) -> None:
         self.changed.add(c)
         if self._wake is not None:
             self._wake.set()
 
-    def _persist(self) -> None:
-        changed, self.changed = self.changed, set()
-        for c in changed:
-            if not c.removed and c.hierarchy is self.hierarchy:
-                self.registry.subsystem_changed(self, c.key)
-
     async def run(self) -> None:
         """Journal peaks and events after they change, at most once per PERSIST_PERIOD."""
         # the restore is over: a container not made again by now is gone with its counts
-        self._restoring.clear()
+        self.restoring.clear()
         self._wake = trio.Event()
         try:
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()  # what changes from here is journaled next time
-                self._persist()
+                self.journal_changed()
                 await trio.sleep(PERSIST_PERIOD)
         finally:
-            self._persist()  # a clean stop: the journal is still open
+            self.journal_changed()  # a clean stop: the journal is still open
