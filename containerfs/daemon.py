@@ -428,7 +428,7 @@ class Daemon:
             if top is not None:
                 row["path"] = virt.relative_path(task.cgroups[h.id], top)
         return {
-            "text": "".join("{hierarchy}:{controllers}:{path}\n".format(**row) for row in rows),
+            "text": procfiles.proc_pid_cgroup(rows),
             "rows": rows,
         }
 

@@ -47,7 +47,6 @@ def membership_rows(registry: Registry, tid: int) -> list[dict]:
     ]
 
 
-def proc_pid_cgroup(registry: Registry, tid: int) -> str:
-    return "".join(
-        "{hierarchy}:{controllers}:{path}\n".format(**row) for row in membership_rows(registry, tid)
-    )
+def proc_pid_cgroup(rows: list[dict]) -> str:
+    """membership_rows() in /proc/PID/cgroup's format."""
+    return "".join("{hierarchy}:{controllers}:{path}\n".format(**row) for row in rows)

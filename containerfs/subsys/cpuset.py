@@ -236,12 +236,6 @@ def _debugfs_level_max() -> int | None:
     return max(levels, default=None)
 
 
-def _configured(option: str) -> bool:
-    """A kernel option is set, or /proc/config.gz is missing (distributions set these)."""
-    config = sysinfo._kernel_config()
-    return not config or config.get(option) == "y"
-
-
 def _mask(cpu: int, *paths: str | None) -> frozenset[int]:
     """The first of these sysfs lists of `cpu` that reads non-empty; itself alone if none."""
     for path in paths:
@@ -308,11 +302,11 @@ def _topology_levels(cpus: frozenset[int]) -> list[dict[int, frozenset[int]]]:
     """The kernel's default topology (SMT, CLS, MC, PKG, then NUMA), the configured levels."""
     levels = []
     smt = {cpu: _mask(cpu, "topology/thread_siblings_list") for cpu in cpus}
-    if _configured("CONFIG_SCHED_SMT") and not _drops_lone_threads(smt):
+    if sysinfo.config_enabled("CONFIG_SCHED_SMT") and not _drops_lone_threads(smt):
         levels.append(smt)
-    if _configured("CONFIG_SCHED_CLUSTER"):
+    if sysinfo.config_enabled("CONFIG_SCHED_CLUSTER"):
         levels.append({cpu: _mask(cpu, "topology/cluster_cpus_list") for cpu in cpus})
-    if _configured("CONFIG_SCHED_MC"):  # cpu_coregroup_mask(): the CPUs sharing the LLC
+    if sysinfo.config_enabled("CONFIG_SCHED_MC"):  # cpu_coregroup_mask(): the CPUs sharing the LLC
         levels.append({cpu: _mask(cpu, _llc_path(cpu), "topology/core_siblings_list")
                        for cpu in cpus})
     package = {

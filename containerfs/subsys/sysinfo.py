@@ -64,6 +64,12 @@ def _kernel_config() -> dict[str, str]:
     return dict(re.findall(r"^(CONFIG_\w+)=(\S+)$", text, re.MULTILINE))
 
 
+def config_enabled(option: str) -> bool:
+    """A kernel option is set to y, or /proc/config.gz is missing (distributions set it)."""
+    config = _kernel_config()
+    return not config or config.get(option) == "y"
+
+
 def _config_int(key: str, default: int) -> int:
     try:
         return int(_kernel_config().get(key, default))

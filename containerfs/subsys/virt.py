@@ -62,13 +62,11 @@ def confinement(h: Hierarchy, tid: int | None) -> Container | None:
     is used by another process now) is refused outright while anything in the
     hierarchy is locked, since where it was cannot be checked any more.
     """
-    if tid is None or NAME not in h.subsystem_names:
-        return None
+    if tid is None or NAME not in h.subsystem_names or not _subsys(h).locked:
+        return None  # nothing locked: nothing to look up, on every write to tasks
     task = h.registry.known_task(tid)
     if task is None:
-        if _subsys(h).locked:
-            raise CgroupError(errno.EPERM, f"virt: task {tid} is gone; its place is unknown")
-        return None
+        raise CgroupError(errno.EPERM, f"virt: task {tid} is gone; its place is unknown")
     for c in task.cgroups[h.id].ancestors():
         if c.parent is not None and c.state[NAME].locked:
             return c
@@ -146,14 +144,14 @@ class Virt(Subsystem):
     name = NAME
     files = (ControlFile("lock", _read_lock, _write_lock),)
 
-    def may_move(self, dst: Container, tasks: Sequence[Task], caller: Caller) -> None:
-        """A writer inside a locked container moves nothing across its edge."""
-        _check_move(dst, tasks, caller)
-
     def __init__(self, registry: Registry) -> None:
         super().__init__(registry)
         #: the locked containers but the root: while there is none, nothing is confined
         self.locked: set[Container] = set()
+
+    def may_move(self, dst: Container, tasks: Sequence[Task], caller: Caller) -> None:
+        """A writer inside a locked container moves nothing across its edge."""
+        _check_move(dst, tasks, caller)
 
     def create(self, container: Container) -> VirtState:
         return VirtState()
